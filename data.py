@@ -1,0 +1,598 @@
+"""
+Tokenizers (all through tiktoken), datasets, and the MTP packer.
+
+    from data import load_tokenizer, gsm8k, synthetic_problems, pack
+    tok = load_tokenizer("gpt2")                 # or a checkpoint dir, a .tiktoken file
+    rows = gsm8k("train")                        # [{"question", "answer"}], local file or download
+    rows = synthetic_problems(1000, seed=0)      # built-in grade-school math, no file needed
+    batch = pack(seqs, k=4, offset=3, n_regions=5, seq_len=160, mtp_id=..., eos_id=...)
+
+The `<MTP>` id belongs to the model (config.json's mtp_token_id), never to the tokenizer.
+"""
+import base64
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+
+import regex  # a dependency of tiktoken: the \p{L} classes of its patterns
+import tiktoken
+import torch
+
+# -----------------------------------------------------------------------------
+# Tokenizers
+
+# GPT-2's pre-tokenizer regex, and a variant that splits every digit into its own piece (the
+# SmolLM2 tokenizer does this, and it makes arithmetic easier to learn for our small models)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+DIGITS_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>",
+                    "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+                    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+                   + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)])
+# chat formats: how one user turn and the start of the assistant's reply are written
+CHAT_FORMATS = {
+    "chatml": "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+    "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n",
+}
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded; the message names the file and the fix."""
+
+
+class Tokenizer:
+    """A tiktoken Encoding plus what the project needs to know around it: EOS, stop tokens, chat.
+
+    eos: the token that ends a training sample; stops: every token that ends generation;
+    chat: a key of CHAT_FORMATS or None (then prompts are plain text).
+    """
+
+    def __init__(self, enc, eos, stops=(), chat=None, bos=None):
+        self.enc, self.chat, self.bos = enc, chat, bos
+        self.eos_id = enc.encode_single_token(eos)
+        self.bos_id = enc.encode_single_token(bos) if bos else None
+        self.stop_ids = sorted({self.eos_id} | {enc.encode_single_token(s) for s in stops})
+
+    @property
+    def n_vocab(self):
+        return self.enc.n_vocab
+
+    def encode(self, text, special=False):
+        """special=True lets special tokens written in text (e.g. <|im_start|>) become their ids."""
+        return self.enc.encode(text, allowed_special="all" if special else set(), disallowed_special=())
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def prompt(self, text):
+        """Token ids that ask the model `text`, in the model's chat format if it has one."""
+        if self.chat is None:
+            return self.encode(text)
+        return self.encode(CHAT_FORMATS[self.chat].format(prompt=text), special=True)
+
+    def save(self, out_dir):
+        """tokenizer.tiktoken (ranks) + tokenizer_mtp.json (pattern, specials, eos, chat)."""
+        with open(os.path.join(out_dir, "tokenizer.tiktoken"), "w") as f:
+            for b, r in sorted(self.enc._mergeable_ranks.items(), key=lambda x: x[1]):
+                f.write(f"{base64.b64encode(b).decode()} {r}\n")
+        meta = {"name": self.enc.name, "pattern": self.enc._pat_str,
+                "special_tokens": self.enc._special_tokens, "eos": self.enc.decode([self.eos_id]),
+                "stops": [self.enc.decode([i]) for i in self.stop_ids], "chat": self.chat,
+                "bos": self.bos}
+        with open(os.path.join(out_dir, "tokenizer_mtp.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+
+
+def read_ranks(path):
+    """A tiktoken ranks file: one `base64(token bytes) rank` per line."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok)] = int(rank)
+            except ValueError:
+                raise TokenizerError(f"{path}:{n} is not a tiktoken ranks line "
+                                     "('<base64 token> <rank>')") from None
+    return ranks
+
+
+def gpt2_tokenizer(ranks_path=None):
+    """tiktoken's gpt2 encoding; offline, from a ranks file (e.g. ../shared/tokenizers/gpt2.tiktoken)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [ranks_path] if ranks_path else [
+        os.path.join(os.environ.get("MTP_CACHE", os.path.expanduser("~/.cache/mtp")), "gpt2.tiktoken"),
+        os.path.join(here, "..", "shared", "tokenizers", "gpt2.tiktoken")]
+    for path in candidates:
+        if path and os.path.isfile(path):
+            enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=read_ranks(path),
+                                    special_tokens={"<|endoftext|>": 50256})
+            return Tokenizer(enc, eos="<|endoftext|>")
+    if ranks_path:
+        raise TokenizerError(f"gpt2 ranks file {ranks_path} does not exist")
+    try:
+        return Tokenizer(tiktoken.get_encoding("gpt2"), eos="<|endoftext|>")
+    except Exception as e:
+        raise TokenizerError(f"tiktoken could not fetch the gpt2 encoding ({e}). Offline? Put "
+                             f"gpt2.tiktoken in {candidates[0]}") from None
+
+
+def llama3_tokenizer(path):
+    """A Llama-3 `tokenizer.model` (tiktoken ranks format) with its special tokens appended."""
+    ranks = read_ranks(path)
+    n = len(ranks)
+    specials = {s: n + i for i, s in enumerate(LLAMA3_SPECIALS)}
+    enc = tiktoken.Encoding(os.path.basename(path), pat_str=LLAMA3_PATTERN,
+                            mergeable_ranks=ranks, special_tokens=specials)
+    return Tokenizer(enc, eos="<|eot_id|>", stops=["<|end_of_text|>", "<|eom_id|>"],
+                     chat="llama3", bos="<|begin_of_text|>")
+
+
+def bytes_to_unicode():
+    """GPT-2's byte-level BPE writes each byte as a printable unicode character: byte -> char."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def bpe_to_tiktoken(vocab, merges, name="bpe", pattern=DIGITS_PATTERN, specials=()):
+    """HF byte-level BPE (token string -> id, merges) as a tiktoken Encoding with the same ids.
+
+    tiktoken merges by rank, so this needs ids that grow in merge order; HF tokenizers trained
+    the usual way have that, and we check it rather than assume it.
+    """
+    decode_char = {c: b for b, c in bytes_to_unicode().items()}
+    special_set = set(specials)
+    ranks, special_ids = {}, {}
+    for tok, i in vocab.items():
+        if tok in special_set:
+            special_ids[tok] = i
+            continue
+        try:
+            ranks[bytes(decode_char[c] for c in tok)] = i
+        except KeyError:
+            raise TokenizerError(f"token {tok!r} is not byte-level BPE text") from None
+    merged = [vocab.get(a + b) for a, b in (m.split(" ", 1) if isinstance(m, str) else m for m in merges)]
+    if any(i is None for i in merged) or merged != sorted(merged):
+        raise TokenizerError("this BPE's token ids do not follow its merge order, which tiktoken "
+                             "needs (id = merge priority)")
+    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_ids)
+
+
+def hf_json_tokenizer(path, eos=None):
+    """A Hugging Face byte-level BPE tokenizer.json, converted to tiktoken."""
+    with open(path) as f:
+        tj = json.load(f)
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"{path}: only byte-level BPE tokenizer.json is supported, "
+                             f"got model type {model.get('type')!r}")
+    specials = [t["content"] for t in tj.get("added_tokens", [])]
+    vocab = dict(model["vocab"])
+    for t in tj.get("added_tokens", []):
+        vocab[t["content"]] = t["id"]
+    pre = json.dumps(tj.get("pre_tokenizer"))
+    pattern = DIGITS_PATTERN if '"individual_digits": true' in pre else GPT2_PATTERN
+    enc = bpe_to_tiktoken(vocab, model["merges"], os.path.basename(os.path.dirname(path)), pattern, specials)
+    cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    if eos is None and os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            eos = json.load(f).get("eos_token")
+        eos = eos["content"] if isinstance(eos, dict) else eos
+    eos = eos or specials[0]
+    chat = "chatml" if "<|im_start|>" in specials else None
+    stops = [s for s in ("<|im_end|>", "<|endoftext|>") if s in specials]
+    return Tokenizer(enc, eos=eos, stops=stops, chat=chat)
+
+
+def load_tokenizer(spec):
+    """'gpt2', a .tiktoken ranks file, or a checkpoint directory holding one of: our
+    tokenizer.tiktoken + tokenizer_mtp.json, a HF tokenizer.json, a Llama-3 tokenizer.model."""
+    if spec == "gpt2":
+        return gpt2_tokenizer()
+    if os.path.isfile(spec):
+        if spec.endswith(".model"):
+            return llama3_tokenizer(spec)
+        return gpt2_tokenizer(spec)
+    if not os.path.isdir(spec):
+        raise TokenizerError(f"tokenizer {spec!r}: not 'gpt2', a file, or a checkpoint directory")
+    ours = os.path.join(spec, "tokenizer_mtp.json")
+    if os.path.isfile(ours):
+        with open(ours) as f:
+            meta = json.load(f)
+        enc = tiktoken.Encoding(meta["name"], pat_str=meta["pattern"],
+                                mergeable_ranks=read_ranks(os.path.join(spec, "tokenizer.tiktoken")),
+                                special_tokens=meta["special_tokens"])
+        return Tokenizer(enc, eos=meta["eos"], stops=meta.get("stops", ()), chat=meta.get("chat"),
+                         bos=meta.get("bos"))
+    for name in ("tokenizer.json",):
+        if os.path.isfile(os.path.join(spec, name)):
+            return hf_json_tokenizer(os.path.join(spec, name))
+    if os.path.isfile(os.path.join(spec, "tokenizer.model")):
+        return llama3_tokenizer(os.path.join(spec, "tokenizer.model"))
+    cfg = os.path.join(spec, "config.json")
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            if json.load(f).get("model_type") == "gpt2":
+                return gpt2_tokenizer()
+    raise TokenizerError(f"no tokenizer in {spec}: expected tokenizer_mtp.json + tokenizer.tiktoken, "
+                         "tokenizer.json or tokenizer.model")
+
+
+def train_bpe(texts, vocab_size, pattern=DIGITS_PATTERN, name="bpe", specials=("<|endoftext|>",)):
+    """Byte-level BPE learned from texts: the 256 bytes, then the most frequent adjacent pair is
+    merged into a new token until vocab_size. Deterministic (ties broken by the pair's bytes)."""
+    pieces = {}   # pre-tokenized pieces, counted once: merges never cross piece boundaries
+    for t in texts:
+        for piece in regex.findall(pattern, t):
+            pieces[piece] = pieces.get(piece, 0) + 1
+    words = {tuple(bytes([b]) for b in w.encode()): c for w, c in pieces.items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    n_merges = vocab_size - 256 - len(specials)
+    for _ in range(n_merges):
+        pairs = {}
+        for w, c in words.items():
+            for a, b in zip(w, w[1:]):
+                pairs[(a, b)] = pairs.get((a, b), 0) + c
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        new = best[0] + best[1]
+        ranks[new] = len(ranks)
+        merged = {}
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + c
+        words = merged
+    special_ids = {s: len(ranks) + i for i, s in enumerate(specials)}
+    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_ids)
+
+
+# -----------------------------------------------------------------------------
+# Datasets: rows of {"question", "answer"}, the answer ending in "#### <number>" (GSM8K's format)
+
+GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
+
+
+def read_jsonl(path):
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}:{n} is not valid JSON") from None
+                if "question" not in row or "answer" not in row:
+                    raise ValueError(f"{path}:{n} needs the fields 'question' and 'answer'")
+                rows.append(row)
+    return rows
+
+
+def gsm8k(split, path=None):
+    """GSM8K `split` ('train' | 'test'): from `path`, ../shared/data/gsm8k, the cache, or GitHub."""
+    if split not in ("train", "test"):
+        raise ValueError(f"GSM8K split must be 'train' or 'test', not {split!r}")
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GSM8K file {path} does not exist")
+        return read_jsonl(path)
+    here = os.path.dirname(os.path.abspath(__file__))
+    cache = os.path.join(os.environ.get("MTP_CACHE", os.path.expanduser("~/.cache/mtp")), "gsm8k")
+    for d in (os.path.join(here, "..", "shared", "data", "gsm8k"), cache):
+        if os.path.isfile(os.path.join(d, f"{split}.jsonl")):
+            return read_jsonl(os.path.join(d, f"{split}.jsonl"))
+    from model import download  # one downloader for weights and data
+    os.makedirs(cache, exist_ok=True)
+    try:
+        download(GSM8K_URL.format(split=split), os.path.join(cache, f"{split}.jsonl"))
+    except OSError as e:
+        raise FileNotFoundError(f"could not download GSM8K {split} ({e}). Offline? Put "
+                                f"{split}.jsonl in {cache} or pass its path") from None
+    return read_jsonl(os.path.join(cache, f"{split}.jsonl"))
+
+
+NAMES = [("Ava", "she"), ("Ben", "he"), ("Chloe", "she"), ("Dan", "he"), ("Emma", "she"),
+         ("Finn", "he"), ("Grace", "she"), ("Hugo", "he"), ("Iris", "she"), ("Jack", "he"),
+         ("Lily", "she"), ("Max", "he"), ("Nora", "she"), ("Omar", "he"), ("Ruby", "she"), ("Sam", "he")]
+ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "books", "shells", "cards",
+         "stamps", "beads", "oranges", "toys"]
+GAINS = [("buys", "buying"), ("finds", "finding"), ("gets", "getting"), ("picks up", "picking up")]
+LOSSES = [("gives away", "giving away"), ("loses", "losing"), ("sells", "selling"), ("uses", "using")]
+THINGS = ["book", "game", "ball", "kite", "hat", "puzzle"]
+
+
+def _chain(r):
+    """Start amount, then 2-4 gains or losses, one line of arithmetic for each."""
+    (name, he), item = r.choice(NAMES), r.choice(ITEMS)
+    have = r.randint(10, 60)
+    q = [f"{name} has {have} {item}."]
+    a = [f"{name} starts with {have} {item}."]
+    for step in range(r.randint(2, 4)):
+        then = "Then " + he if step else he.capitalize()
+        if r.random() < 0.5 or have < 10:
+            n = r.randint(2, 40)
+            verb, ing = r.choice(GAINS)
+            q.append(f"{then} {verb} {n} more.")
+            a.append(f"After {ing} {n}, {name} has {have} + {n} = {have + n} {item}.")
+            have += n
+        else:
+            n = r.randint(2, have - 1)
+            verb, ing = r.choice(LOSSES)
+            q.append(f"{then} {verb} {n}.")
+            a.append(f"After {ing} {n}, {name} has {have} - {n} = {have - n} {item}.")
+            have -= n
+    q.append(f"How many {item} does {name} have now?")
+    return q, a, have
+
+
+def _boxes(r):
+    (name, he), item = r.choice(NAMES), r.choice(ITEMS)
+    g, n = r.randint(2, 9), r.randint(2, 12)
+    t = g * n
+    e = r.randint(1, t - 1)
+    q = [f"{name} buys {g} boxes of {item}.", f"Each box holds {n} {item}.",
+         f"{he.capitalize()} gives away {e} of them.", f"How many {item} does {name} have left?"]
+    a = [f"{g} boxes of {n} {item} hold {g} * {n} = {t} {item}.",
+         f"After giving away {e}, {name} has {t} - {e} = {t - e} {item} left."]
+    return q, a, t - e
+
+
+def _change(r):
+    (name, he), thing = r.choice(NAMES), r.choice(THINGS)
+    p = r.randint(2, 12)
+    k = r.randint(2, min(9, 100 // p))
+    bill = 100 if p * k > 50 else r.choice([50, 100])
+    q = [f"A {thing} costs {p} dollars.", f"{name} buys {k} of them and pays with a {bill} dollar bill.",
+         f"How much change does {name} get?"]
+    a = [f"{k} of them cost {k} * {p} = {k * p} dollars.",
+         f"The change is {bill} - {k * p} = {bill - k * p} dollars."]
+    return q, a, bill - k * p
+
+
+def _compare(r):
+    (x, _), (y, _), (z, _) = r.sample(NAMES, 3)
+    item = r.choice(ITEMS)
+    n, m = r.randint(2, 12), r.randint(2, 5)
+    b = n * m
+    d = r.randint(1, b - 1)
+    c = b - d
+    q = [f"{x} has {n} {item}.", f"{y} has {m} times as many {item} as {x}.",
+         f"{z} has {d} fewer {item} than {y}.", f"How many {item} do they have together?"]
+    a = [f"{y} has {n} * {m} = {b} {item}.", f"{z} has {b} - {d} = {c} {item}.",
+         f"Together they have {n} + {b} + {c} = {n + b + c} {item}."]
+    return q, a, n + b + c
+
+
+def _share(r):
+    (name, he), item = r.choice(NAMES), r.choice(ITEMS)
+    n, each = r.randint(2, 9), r.randint(2, 12)
+    t, e = n * each, r.randint(2, 20)
+    q = [f"{name} shares {t} {item} equally among {n} friends.",
+         f"Then each friend gets {e} more {item}.", f"How many {item} does each friend have?"]
+    a = [f"Each friend gets {t} / {n} = {each} {item}.",
+         f"With {e} more, each friend has {each} + {e} = {each + e} {item}."]
+    return q, a, each + e
+
+
+def _savings(r):
+    (name, he), thing = r.choice(NAMES), r.choice(THINGS)
+    w, s = r.randint(2, 9), r.randint(2, 12)
+    t = w * s
+    spend = r.randint(1, t - 1)
+    q = [f"{name} saves {s} dollars every week for {w} weeks.",
+         f"Then {he} spends {spend} dollars on a {thing}.", f"How much money does {name} have left?"]
+    a = [f"{name} saves {w} * {s} = {t} dollars.",
+         f"After spending {spend}, {name} has {t} - {spend} = {t - spend} dollars left."]
+    return q, a, t - spend
+
+
+TEMPLATES = [_chain, _boxes, _change, _compare, _share, _savings]
+
+
+def synthetic_problems(n, seed=0):
+    """n grade-school math problems in GSM8K's format, fully determined by seed."""
+    r = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        q, a, result = r.choice(TEMPLATES)(r)
+        rows.append({"question": " ".join(q), "answer": "\n".join(a) + f"\n#### {result}"})
+    return rows
+
+
+# test problems come from a seed range training never uses
+SYNTHETIC_TEST_SEED = 1_000_003
+
+
+def load_dataset(name, split, path=None):
+    """'gsm8k' or 'synthetic' (a jsonl path works for either name via `path`)."""
+    if name == "synthetic":
+        return synthetic_problems(200 if split == "test" else 50_000,
+                                  seed=SYNTHETIC_TEST_SEED if split == "test" else 0)
+    if name == "gsm8k":
+        return gsm8k(split, path)
+    if path:
+        return read_jsonl(path)
+    raise ValueError(f"unknown dataset {name!r} (gsm8k, synthetic, or a jsonl path)")
+
+
+# -----------------------------------------------------------------------------
+# Prompts and answers
+
+def plain_prompt(question):
+    """How our from-scratch models are asked (training and evaluation alike)."""
+    return f"Q: {question}\nA:"
+
+
+def sample_ids(tok, row):
+    """Token ids of one training sample: prompt, answer, end token."""
+    if tok.chat is None:
+        return tok.encode(plain_prompt(row["question"]) + " " + row["answer"]) + [tok.eos_id]
+    return tok.prompt(row["question"]) + tok.encode(row["answer"]) + [tok.eos_id]
+
+
+NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def gold_answer(answer):
+    """The number after '####' in a GSM8K answer."""
+    return answer.split("####")[-1].strip().replace(",", "")
+
+
+def extract_flexible(text):
+    """The last number in the text (GSM8K 'flexible-extract')."""
+    nums = NUMBER.findall(text)
+    return nums[-1].replace(",", "").rstrip(".") if nums else None
+
+
+def extract_strict(text):
+    """The number after '#### ' or 'The answer is ' (GSM8K 'strict-match')."""
+    m = re.search(r"(?:####|The answer is)\s*\$?(-?[\d,]*\.?\d+)", text)
+    return m.group(1).replace(",", "") if m else None
+
+
+def same_number(a, b):
+    try:
+        return a is not None and float(a) == float(b)
+    except ValueError:
+        return False
+
+
+# -----------------------------------------------------------------------------
+# Packing many MTP problems into one training sequence (METHOD.md, "Packing")
+
+@dataclass
+class Packed:
+    """One packed batch. L = seq_len + n_regions * (k - 1) packed positions.
+
+    idx     (B, L)  student input: ground truth with k-1 <MTP> after each region's prefix end
+    pos     (L,)    position ids: ground truth keeps its own, the j-th mask after x_p gets p + j
+    mask    (L, L)  True = query may attend key (the same layout for every row)
+    gt      (N,)    packed indices of the ground-truth tokens
+    sup     (M, k)  packed indices of each region's supervised positions: x_p, then its masks
+    valid   (B, M)  the region exists in this row (its prefix ends before the row's EOS)
+    targets (B, M, k) ground-truth next tokens, EOS past the end (-1 where unknown: truncated)
+    past_eos (B, M, k) the target lies past the row's EOS (its target is EOS in every mode)
+    """
+    idx: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor
+    gt: torch.Tensor
+    sup: torch.Tensor
+    valid: torch.Tensor
+    targets: torch.Tensor
+    past_eos: torch.Tensor
+
+    def to(self, device):
+        return Packed(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+def region_ends(seq_len, n_regions, offset):
+    """Ground-truth index p_r of each region's last prefix token: evenly spaced, shifted by offset."""
+    stride = seq_len // n_regions
+    if not 0 <= offset < stride:
+        raise ValueError(f"offset must be in [0, {stride}) for {n_regions} regions in {seq_len} tokens")
+    return [offset + r * stride for r in range(n_regions)]
+
+
+def pack_layout(seq_len, k, ends):
+    """The row-independent part of packing: where everything goes, positions, attention mask."""
+    gt_slot, span_of, j_of, gt_of = [], [], [], []   # per packed position
+    sup = []
+    end_to_region = {p: r for r, p in enumerate(ends)}
+    for i in range(seq_len):
+        gt_slot.append(len(span_of))
+        span_of.append(-1), j_of.append(0), gt_of.append(i)
+        if i in end_to_region:
+            r = end_to_region[i]
+            sup.append([len(span_of) - 1] + list(range(len(span_of), len(span_of) + k - 1)))
+            for j in range(1, k):
+                span_of.append(r), j_of.append(j), gt_of.append(i)
+    span, j, gt = torch.tensor(span_of), torch.tensor(j_of), torch.tensor(gt_of)
+    pos = gt + j                                            # (L,)
+    is_gt = span < 0
+    # ground truth attends to earlier ground truth; a mask also sees its own span's earlier masks
+    see_gt = is_gt[None, :] & (gt[None, :] <= gt[:, None])
+    see_span = (span[:, None] >= 0) & (span[None, :] == span[:, None]) & (j[None, :] <= j[:, None])
+    return torch.tensor(gt_slot), pos, see_gt | see_span, torch.tensor(sup)
+
+
+def pack(seqs, k, offset, n_regions, seq_len, mtp_id, eos_id):
+    """Pack token sequences (each ending in EOS, or longer than seq_len) into the student layout.
+
+    Rows longer than seq_len are cut; shorter ones are padded with EOS (positions past a row's
+    EOS are never supervised). Region r is dropped in a row whose EOS comes at or before p_r, and
+    the first region whose k targets reach the EOS is the row's last.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if seq_len // n_regions < k:
+        raise ValueError(f"seq_len {seq_len} is too short for {n_regions} regions of k={k}: "
+                         f"need seq_len >= n_regions * k = {n_regions * k}")
+    ends = region_ends(seq_len, n_regions, offset)
+    gt_slot, pos, mask, sup = pack_layout(seq_len, k, ends)
+    B, L, M = len(seqs), len(pos), n_regions
+    idx = torch.full((B, L), mtp_id, dtype=torch.long)
+    targets = torch.full((B, M, k), -1, dtype=torch.long)
+    past_eos = torch.zeros(B, M, k, dtype=torch.bool)
+    valid = torch.zeros(B, M, dtype=torch.bool)
+    ends_t = torch.tensor(ends)
+    ahead = ends_t[:, None] + torch.arange(1, k + 1)        # (M, k) ground-truth index of each target
+    for b, s in enumerate(seqs):
+        s = list(s[:seq_len])
+        eos_at = s.index(eos_id) if eos_id in s else None    # None: cut before its end
+        row = torch.tensor(s + [eos_id] * (seq_len - len(s)))
+        idx[b, gt_slot] = row
+        n_real = eos_at if eos_at is not None else len(s)
+        valid[b] = ends_t < n_real
+        if eos_at is not None:
+            reach = ends_t + k >= eos_at                     # this region's targets reach the EOS
+            first = int(reach.nonzero()[0]) if reach.any() else M
+            valid[b, first + 1:] = False
+            past_eos[b] = ahead > eos_at
+        known = ahead < len(s)
+        targets[b][known] = row[ahead[known]]
+        targets[b][past_eos[b]] = eos_id
+    return Packed(idx, pos, mask, gt_slot, sup, valid, targets, past_eos)
+
+
+def teacher_input(packed, rollout):
+    """The teacher's layout: every region's masks replaced by the student's own tokens.
+
+    rollout (B, M, k): the student's argmax at each supervised position. Mask slot j of a region
+    (j = 1..k-1) gets the student's token y'_j, the prediction made at supervised position j-1.
+    """
+    idx = packed.idx.clone()
+    B, M, k = rollout.shape
+    slots = packed.sup[:, 1:].reshape(1, -1).expand(B, -1)  # (B, M*(k-1))
+    idx.scatter_(1, slots, rollout[:, :, :-1].reshape(B, -1))
+    return idx
+
+
+def synthetic_tokenizer(vocab_size=512):
+    """The embedded default's tokenizer: byte-level BPE learned from 3000 synthetic problems
+    (deterministic, so it can always be rebuilt; saved with every checkpoint anyway)."""
+    texts = [plain_prompt(r["question"]) + " " + r["answer"] for r in synthetic_problems(3000, seed=0)]
+    return Tokenizer(train_bpe(texts, vocab_size, name="synth-bpe"), eos="<|endoftext|>")

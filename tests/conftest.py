@@ -1,0 +1,32 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+sys.path.insert(0, ROOT)
+
+from model import Config, Transformer  # noqa: E402
+
+
+def tiny_config(model_type="llama", tie=True, gqa=True, vocab=61, **kw):
+    """A few-thousand-parameter model of either architecture."""
+    base = dict(model_type=model_type, vocab_size=vocab, n_layer=2, n_head=4,
+                n_kv_head=2 if (gqa and model_type != "gpt2") else 4, d_model=32, head_dim=8,
+                d_ff=48, max_seq_len=128, tie_embeddings=tie,
+                qkv_bias=model_type in ("gpt2", "qwen2"), o_bias=model_type == "gpt2",
+                mlp_bias=model_type == "gpt2")
+    base.update(kw)
+    return Config(**base)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Transformer(tiny_config(**kw)).eval()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,213 @@
+"""data.py: tokenizers, datasets, and the packer against one-region-at-a-time references."""
+import base64
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from conftest import SHARED, tiny_model
+from data import (TokenizerError, Tokenizer, extract_flexible, extract_strict, gold_answer,
+                  gpt2_tokenizer, gsm8k, llama3_tokenizer, load_tokenizer, pack, read_jsonl,
+                  synthetic_problems, synthetic_tokenizer, teacher_input, train_bpe)
+
+GPT2_RANKS = os.path.join(SHARED, "tokenizers", "gpt2.tiktoken")
+GSM8K_TEST = os.path.join(SHARED, "data", "gsm8k", "test.jsonl")
+needs_shared = pytest.mark.skipif(not os.path.isfile(GPT2_RANKS), reason="../shared not present")
+
+# --- tokenizers ---
+
+
+@needs_shared
+def test_gpt2_tokenizer_from_the_ranks_file():
+    tok = gpt2_tokenizer(GPT2_RANKS)
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.eos_id == 50256 and tok.n_vocab == 50257
+    for row in read_jsonl(GSM8K_TEST)[:50]:
+        text = row["question"] + "\n" + row["answer"]
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_save_load_round_trip(tmp_path):
+    tok = synthetic_tokenizer()
+    tok.save(tmp_path)
+    tok2 = load_tokenizer(str(tmp_path))
+    text = synthetic_problems(1, seed=5)[0]["answer"] + " ünïcode ✓"
+    assert tok2.encode(text) == tok.encode(text)
+    assert tok2.decode(tok.encode(text)) == text
+    assert tok2.eos_id == tok.eos_id == 511 and tok.n_vocab == 512
+
+
+def test_train_bpe_is_deterministic_and_splits_digits():
+    texts = ["the cat sat on the mat 123", "the mat is 45 cm"] * 5
+    a, b = train_bpe(texts, 270), train_bpe(texts, 270)
+    assert a._mergeable_ranks == b._mergeable_ranks
+    tok = Tokenizer(a, eos="<|endoftext|>")
+    pieces = [tok.decode([i]) for i in tok.encode("the mat 123")]
+    assert pieces[-3:] == ["1", "2", "3"] and "the" in pieces
+
+
+def _ranks_file(path, tokens):
+    with open(path, "w") as f:
+        for i, t in enumerate(tokens):
+            f.write(f"{base64.b64encode(t).decode()} {i}\n")
+
+
+def test_llama3_tokenizer_model(tmp_path):
+    # a small tiktoken-format ranks file: all bytes, then a few merges
+    merges = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world"]
+    path = tmp_path / "tokenizer.model"
+    _ranks_file(path, [bytes([b]) for b in range(256)] + merges)
+    tok = llama3_tokenizer(str(path))
+    n = 256 + len(merges)
+    assert tok.encode("hello world") == [256 + merges.index(b"hello"), 256 + merges.index(b" world")]
+    assert tok.bos_id == n and tok.eos_id == n + 9          # <|begin_of_text|>, <|eot_id|>
+    assert n + 1 in tok.stop_ids                             # <|end_of_text|>
+    ids = tok.prompt("hi")
+    assert ids[0] == n and tok.decode(ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert load_tokenizer(str(path)).encode("hello") == tok.encode("hello")
+
+
+def test_hf_tokenizer_json(tmp_path):
+    # byte-level BPE in HF's format: bytes as printable chars, merges in id order
+    from data import bytes_to_unicode
+    chars = bytes_to_unicode()
+    vocab = {"<|im_start|>": 0, "<|im_end|>": 1}
+    for b in range(256):
+        vocab[chars[b]] = len(vocab)
+    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tj = {"model": {"type": "BPE", "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]},
+          "added_tokens": [{"id": 0, "content": "<|im_start|>"}, {"id": 1, "content": "<|im_end|>"}],
+          "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}]}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.encode("hello") == [vocab["hello"]]
+    assert tok.encode(" w12") == [vocab["Ġw"], vocab["1"], vocab["2"]]
+    assert tok.eos_id == 1 and tok.chat == "chatml"
+    assert tok.encode("<|im_start|>", special=True) == [0]
+    assert tok.encode("<|im_start|>") != [0]            # plain text never becomes a special token
+    # ids that disagree with the merge order cannot be expressed in tiktoken: a clear error
+    tj["model"]["vocab"]["he"], tj["model"]["vocab"]["ll"] = vocab["ll"], vocab["he"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(TokenizerError, match="merge order"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer in"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(TokenizerError, match="not 'gpt2', a file, or a checkpoint directory"):
+        load_tokenizer(str(tmp_path / "missing"))
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text("this is not a ranks file at all\n")
+    with pytest.raises(TokenizerError, match="bad.tiktoken:1 is not a tiktoken ranks line"):
+        load_tokenizer(str(bad))
+    with pytest.raises(TokenizerError, match="does not exist"):
+        gpt2_tokenizer(str(tmp_path / "nope.tiktoken"))
+
+
+# --- datasets ---
+
+
+def test_synthetic_generator():
+    rows = synthetic_problems(300, seed=3)
+    assert rows == synthetic_problems(300, seed=3)
+    assert rows != synthetic_problems(300, seed=4)
+    for row in rows:
+        lines = row["answer"].split("\n")
+        assert 2 <= sum("=" in line for line in lines) <= 4   # 2-4 steps of arithmetic
+        assert lines[-1].startswith("#### ")
+        for line in lines[:-1]:
+            if "=" in line:                               # every written step is exact arithmetic
+                lhs, rhs = line.split("=")
+                expr = lhs.split(" has ")[-1].split(" hold ")[-1].split(" cost ")[-1].split(" is ")[-1]
+                expr = expr.split(" gets ")[-1].split(" saves ")[-1]
+                expr = expr.split("Together they have ")[-1]
+                assert eval(expr.replace("/", "//")) == int(rhs.split()[0]), line
+        result = int(gold_answer(row["answer"]))
+        assert result >= 0 and f"= {result} " in row["answer"]
+    templates = {row["question"].split(".")[1].split()[-1] for row in rows}
+    assert len(templates) >= 6
+
+
+@needs_shared
+def test_gsm8k_local_and_errors(tmp_path):
+    rows = gsm8k("test")
+    assert len(rows) == 1319 and gold_answer(rows[0]["answer"]) == "18"
+    with pytest.raises(ValueError, match="split must be"):
+        gsm8k("validation")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        gsm8k("train", str(tmp_path / "x.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(ValueError, match="needs the fields 'question' and 'answer'"):
+        gsm8k("train", str(bad))
+
+
+def test_answer_extraction():
+    assert extract_flexible("so 3 + 4 = 7 apples. The answer is 1,234.") == "1234"
+    assert extract_strict("blah #### 42") == "42"
+    assert extract_strict("The answer is $17.") == "17"
+    assert extract_strict("it is 5") is None and extract_flexible("none") is None
+
+
+# --- packing: ONE packed forward equals every region run on its own ---
+
+
+def _reference_logits(model, row, p, span):
+    """Plain causal forward on x_0..x_p + span (masks or teacher tokens); last k logits."""
+    x = torch.tensor([row[:p + 1] + span])
+    return model(x)[0, -len(span) - 1:]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_packed_forward_equals_regions_run_separately(model_type):
+    model = tiny_model(model_type=model_type, vocab=50)
+    mtp, eos = model.add_mtp_token(), 1
+    r = random.Random(0)
+    for trial in range(4):
+        k, M, N = r.randint(2, 6), r.randint(1, 4), r.choice([32, 48])
+        offset = r.randrange(N // M - 0) if N // M >= k else 0
+        seqs = [[r.randint(2, 49) for _ in range(r.randint(3, 60))] + [eos] for _ in range(3)]
+        P = pack(seqs, k, offset, M, N, mtp, eos)
+        logits = model(P.idx, pos=P.pos, mask=P.mask)                  # (B, L, V)
+        rollout = torch.randint(2, 50, (3, M, k))                         # any tokens will do
+        t_logits = model(teacher_input(P, rollout), pos=P.pos, mask=P.mask)
+        checked = 0
+        for b, s in enumerate(seqs):
+            row = (s + [eos] * N)[:N]
+            for reg in range(M):
+                if not P.valid[b, reg]:
+                    continue
+                p = offset + reg * (N // M)
+                ref = _reference_logits(model, row, p, [mtp] * (k - 1))
+                torch.testing.assert_close(logits[b, P.sup[reg]], ref, atol=1e-5, rtol=0)
+                ref_t = _reference_logits(model, row, p, rollout[b, reg, :-1].tolist())
+                torch.testing.assert_close(t_logits[b, P.sup[reg]], ref_t, atol=1e-5, rtol=0)
+                checked += 1
+        assert checked > 0
+
+
+def test_pack_targets_validity_and_eos_rules():
+    eos, mtp = 1, 99
+    seq = list(range(10, 30)) + [eos]          # 20 tokens then EOS at index 20
+    P = pack([seq, list(range(40, 140))], k=4, offset=2, n_regions=4, seq_len=40, mtp_id=mtp, eos_id=eos)
+    # regions end at 2, 12, 22, 32: in row 0, 22 and 32 are past the EOS
+    assert P.valid[0].tolist() == [True, True, False, False]
+    assert P.targets[0, 0].tolist() == [13, 14, 15, 16]                 # x_3..x_6
+    # row 1 is cut at 40 tokens with no EOS: every region valid, targets past the cut unknown
+    assert P.valid[1].all() and P.targets[1, 3].tolist() == [73, 74, 75, 76]
+    # a region whose span reaches the EOS is the last one, targets past the EOS are EOS
+    P = pack([seq], k=4, offset=7, n_regions=4, seq_len=40, mtp_id=mtp, eos_id=eos)
+    assert P.valid[0].tolist() == [True, True, False, False]              # ends 7, 17
+    assert P.targets[0, 1].tolist() == [28, 29, eos, eos]
+    assert P.past_eos[0, 1].tolist() == [False, False, False, True]
+    # layout: the student input has k-1 masks after each region's prefix end
+    assert (P.idx[0] == mtp).sum() == 4 * 3 and P.idx.shape[1] == 40 + 4 * 3
+    assert P.pos[P.sup[1]].tolist() == [17, 18, 19, 20]
+    with pytest.raises(ValueError, match="too short"):
+        pack([seq], k=8, offset=0, n_regions=8, seq_len=40, mtp_id=mtp, eos_id=eos)
