@@ -1,0 +1,247 @@
+"""
+Accuracy vs acceleration vs wall clock for every decoding strategy (the paper's Table 1 layout).
+
+    python bench.py --ckpt runs/mtp-synth/ckpt --data synthetic --baseline checkpoints/synth-teacher
+    python bench.py --ckpt runs/smol/ckpt --data gsm8k --limit 200 --teacher checkpoints/smollm2-135m-instruct
+    python bench.py --ckpt DIR --device cuda --static 1,2,3 --taus 0.9,0.8
+
+For each strategy (the step-0 checkpoint at k=1 if --baseline is given, static k, ConfAdapt tau):
+accuracy (flexible and strict extraction, each with its standard error), effective k (tokens
+per forward pass, mean +- std over generations), tokens/s and the wall-clock speedup over static
+k=1 of the same checkpoint in the same process, and the mean per-token NLL of the outputs under
+a teacher checkpoint (the paper's validation metric; useful where accuracy is near zero).
+Writes OUT.md (table), OUT.json, and OUT.png (Pareto plot) when matplotlib is installed.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+from data import (TokenizerError, extract_flexible, extract_strict, gold_answer, gsm8k,
+                  load_dataset, load_tokenizer, plain_prompt, same_number)
+from decode import DecodeError, PassTimer, check_request, generate
+from model import CheckpointError, Transformer
+
+# -----------------------------------------------------------------------------
+# Prompts: zero-shot Q/A for our own models, chat, or the paper's few-shot chain of thought
+
+N_SHOTS = 8
+
+
+def strip_calculator(answer):
+    """GSM8K answers carry <<48/2=24>> calculator notes; exemplars read better without them."""
+    return re.sub(r"<<[^>]*>>", "", answer)
+
+
+def fewshot_prefix(n_shots=N_SHOTS):
+    """Fixed exemplars: the first n_shots problems of GSM8K *train* (never the test split)."""
+    shots = []
+    for row in gsm8k("train")[:n_shots]:
+        reasoning, number = strip_calculator(row["answer"]).split("####")
+        reasoning = " ".join(reasoning.split())
+        shots.append(f"Q: {row['question']}\nA: Let's think step by step. {reasoning} "
+                     f"The answer is {number.strip()}.\n\n")
+    return "".join(shots)
+
+
+def make_prompter(fmt, tok):
+    """question -> prompt token ids."""
+    if fmt == "qa":
+        return lambda q: tok.encode(plain_prompt(q))
+    if fmt == "chat":
+        if not tok.chat:
+            raise DecodeError("--format chat: this tokenizer has no chat format")
+        return tok.prompt
+    prefix = fewshot_prefix()
+    return lambda q: tok.encode(prefix + f"Q: {q}\nA: Let's think step by step.")
+
+
+def cut_answer(text):
+    """The model's answer ends where it starts a new question."""
+    return text.split("Q:")[0]
+
+
+# -----------------------------------------------------------------------------
+# Running one strategy over the problems
+
+
+def mean_se(xs):
+    """Mean and standard error of a list of numbers (0/1 for accuracy)."""
+    m = sum(xs) / len(xs)
+    se = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else 0.0
+    return m, se
+
+
+@torch.no_grad()
+def teacher_nll(teacher, prompt_ids, out_ids):
+    """Summed NLL of out_ids given prompt_ids under the teacher, and the token count."""
+    if not out_ids:
+        return 0.0, 0
+    x = torch.tensor([prompt_ids + out_ids], device=teacher.device)
+    logits = teacher(x[:, :-1])[0, len(prompt_ids) - 1:].float()
+    target = x[0, len(prompt_ids):]
+    nll = logits.logsumexp(-1) - logits.gather(-1, target[:, None]).squeeze(-1)
+    return float(nll.sum()), len(out_ids)
+
+
+def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, progress):
+    timer = PassTimer(model.device)
+    flex, strict, eff_k, nll, n_tok = [], [], [], 0.0, 0
+    tokens = 0
+    samples = []
+    stop_fn = None
+    if args.format == "fewshot":
+        stop_fn = lambda ids: "Q:" in tok.decode(ids[-8:])
+    for i, row in enumerate(problems):
+        ids = prompter(row["question"])
+        out, st = generate(model, ids, max_new_tokens=args.max_new, stop_ids=tok.stop_ids,
+                           stop_fn=stop_fn, timer=timer, **rule)
+        text = cut_answer(tok.decode(out))
+        gold = gold_answer(row["answer"])
+        flex.append(float(same_number(extract_flexible(text), gold)))
+        strict.append(float(same_number(extract_strict(text), gold)))
+        eff_k.append(st["effective_k"])
+        tokens += st["tokens"]
+        if teacher is not None:
+            kept = tok.encode(text) if text != tok.decode(out) else out
+            s, n = teacher_nll(teacher, ids, kept)
+            nll, n_tok = nll + s, n_tok + n
+        if i < 3:
+            samples.append(text)
+        progress(i + 1)
+    total_s = sum(timer.times()) / 1000
+    acc, acc_se = mean_se(flex)
+    sacc, sacc_se = mean_se(strict)
+    return {"strategy": name, "n": len(problems), "acc": acc, "acc_se": acc_se, "strict": sacc,
+            "strict_se": sacc_se, "eff_k": statistics.mean(eff_k),
+            "eff_k_std": statistics.pstdev(eff_k), "tokens": tokens, "decode_s": total_s,
+            "tokens_per_s": tokens / total_s if total_s else 0.0,
+            "teacher_nll": nll / n_tok if n_tok else None, "samples": samples}
+
+
+# -----------------------------------------------------------------------------
+# Output: markdown table, JSON, Pareto plot
+
+
+def table(results, header):
+    lines = [header, "",
+             "| strategy | accuracy (flex) | strict | effective k | tokens/s | wall-clock speedup | teacher NLL |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        nll = f"{r['teacher_nll']:.3f}" if r.get("teacher_nll") is not None else "-"
+        lines.append(f"| {r['strategy']} | {100 * r['acc']:.1f} ± {100 * r['acc_se']:.1f} | "
+                     f"{100 * r['strict']:.1f} ± {100 * r['strict_se']:.1f} | "
+                     f"{r['eff_k']:.2f} ± {r['eff_k_std']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['speedup']:.2f}x | {nll} |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no Pareto plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group, marker in (("static", "s"), ("ConfAdapt", "o"), ("baseline", "*")):
+        pts = [r for r in results if r["strategy"].startswith(group)]
+        if pts:
+            ax.plot([r["eff_k"] for r in pts], [100 * r["acc"] for r in pts], marker=marker,
+                    label=group, linestyle="-" if group != "baseline" else "")
+    ax.set_xlabel("effective k (tokens per forward pass)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="accuracy vs acceleration vs wall clock")
+    p.add_argument("--ckpt", required=True, help="the MTP checkpoint to evaluate")
+    p.add_argument("--baseline", help="the step-0 checkpoint, evaluated at k=1 (optional)")
+    p.add_argument("--teacher", help="checkpoint whose per-token NLL of the outputs is reported")
+    p.add_argument("--data", default="synthetic", help="synthetic | gsm8k | a test .jsonl")
+    p.add_argument("--limit", type=int, default=200, help="number of test problems")
+    p.add_argument("--static", default="1,2,3,4,5", help="static k values")
+    p.add_argument("--taus", default="0.99,0.95,0.9,0.8,0.7,0.6", help="ConfAdapt thresholds")
+    p.add_argument("--k-max", type=int, help="ConfAdapt candidates per pass (default: checkpoint's)")
+    p.add_argument("--format", choices=["auto", "qa", "chat", "fewshot"], default="auto",
+                   help="auto: qa for synthetic, fewshot (8-shot CoT) for gsm8k")
+    p.add_argument("--max-new", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="output prefix (default: bench_<data> in the ckpt's parent)")
+    a = p.parse_args(argv)
+    try:
+        model = Transformer.from_pretrained(a.ckpt, device=a.device).eval()
+        tok = load_tokenizer(a.ckpt)
+        path = a.data if a.data.endswith(".jsonl") else None
+        problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path)[:a.limit]
+        a.format = a.format if a.format != "auto" else ("fewshot" if a.data == "gsm8k" else "qa")
+        prompter = make_prompter(a.format, tok)
+        teacher = Transformer.from_pretrained(a.teacher, device=a.device).eval() if a.teacher else None
+        baseline = Transformer.from_pretrained(a.baseline, device=a.device).eval() if a.baseline else None
+        strategies = [(f"static k={k}", model, {"static_k": int(k)}) for k in a.static.split(",") if k]
+        strategies += [(f"ConfAdapt tau={t}", model, {"tau": float(t), "k_max": a.k_max})
+                       for t in a.taus.split(",") if t]
+        if baseline is not None:
+            strategies.insert(0, ("baseline k=1 (step 0)", baseline, {"static_k": 1}))
+        for name, m, rule in strategies:        # bad settings fail now, not after an hour
+            check_request(m, [0], rule.get("static_k"), rule.get("tau"), rule.get("k_max"))
+    except (DecodeError, CheckpointError, TokenizerError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    # warm-up, discarded: the first passes pay for allocation and kernel selection
+    generate(model, prompter(problems[0]["question"]), max_new_tokens=16, static_k=1)
+    total = len(strategies) * len(problems)
+    t0 = time.perf_counter()
+    results = []
+    for s, (name, m, rule) in enumerate(strategies):
+        def progress(i, s=s, name=name):
+            done = s * len(problems) + i
+            eta = (time.perf_counter() - t0) / done * (total - done)
+            print(f"\r{name:<22} {i}/{len(problems)} | overall {done}/{total} | "
+                  f"ETA {int(eta // 60)}:{int(eta % 60):02d}   ", end="", file=sys.stderr, flush=True)
+        results.append(run_strategy(name, m, tok, problems, prompter, rule, a, teacher, progress))
+    print(file=sys.stderr)
+    k1 = next((r for r in results if r["strategy"] == "static k=1"), None)
+    for r in results:
+        r["speedup"] = r["tokens_per_s"] / k1["tokens_per_s"] if k1 else float("nan")
+
+    device = torch.cuda.get_device_name() if a.device.startswith("cuda") else \
+        f"CPU ({torch.get_num_threads()} threads)"
+    header = (f"{a.data}, {len(problems)} problems, format {a.format}, checkpoint {a.ckpt}, "
+              f"device {device}, batch 1, greedy")
+    md = table(results, header)
+    print(md)
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), f"bench_{os.path.basename(a.data)}")
+    with open(out + ".md", "w") as f:
+        f.write(md)
+    with open(out + ".json", "w") as f:
+        json.dump({"header": header, "args": vars(a), "results": results}, f, indent=1)
+    print(f"wrote {out}.md and {out}.json")
+    pareto_plot(results, out + ".png")
+    best = max((r for r in results if r["strategy"].startswith("ConfAdapt")),
+               key=lambda r: r["eff_k"], default=None)
+    print(json.dumps({"bench": a.data, "n": len(problems), "device": device,
+                      "results": {r["strategy"]: [round(r["acc"], 4), round(r["eff_k"], 3),
+                                                  round(r["speedup"], 3)] for r in results},
+                      "max_confadapt_eff_k": best and round(best["eff_k"], 3)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,484 @@
+"""
+Online self-distillation of a next-token model into a multi-token predictor (METHOD.md).
+
+    python distill.py --k 4                         # the embedded default: CPU, offline, ~10 min
+    python distill.py --init DIR --data gsm8k --k 16 --out runs/smol    # any HF checkpoint
+    python distill.py --out runs/smol --resume      # continue a killed run exactly
+    torchrun --nproc_per_node 8 distill.py ...      # DDP (nccl on CUDA, gloo on CPU)
+    python distill.py --pretrain --out checkpoints/synth-teacher    # rebuild the default teacher
+
+Each step: draw k in [2, k_max] and an offset; pack the batch (data.pack); one student forward
+gives the student's argmax rollout at every supervised position; the teacher (a frozen copy of
+the init checkpoint) scores that rollout in one forward; the loss pulls the student toward the
+teacher's argmax (--teacher hard) or distribution (--teacher soft). One student forward/backward
+and one teacher forward per step.
+
+Outputs in --out: ckpt/ (the student in the HF layout, its tokenizer, train_state.pt; replaced
+atomically every --save-every steps and at the end) and log.jsonl (one record per log interval).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields, asdict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+from data import TokenizerError, load_dataset, load_tokenizer, pack, sample_ids, teacher_input
+from model import CheckpointError, Config, Transformer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_TEACHER = os.path.join(HERE, "checkpoints", "synth-teacher")
+
+# -----------------------------------------------------------------------------
+# Configuration: one dataclass, its defaults written once, argparse built from it
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    init: str = arg("", "teacher/student init: HF dir or hub name; empty = the embedded default "
+                        f"teacher ({os.path.relpath(DEFAULT_TEACHER, HERE)}, built if missing)")
+    data: str = arg("synthetic", "synthetic | gsm8k | a .jsonl with question/answer rows")
+    out: str = arg("runs/mtp-synth", "run directory (checkpoint + log)")
+    k: int = arg(4, "k_max: each step draws k uniformly from [2, k_max]")
+    fixed_k: bool = arg(False, "ablation: always k = k_max")
+    teacher: str = arg("hard", "hard: CE to the teacher's argmax | soft: KL(teacher || student)")
+    targets: str = arg("teacher", "teacher: online distillation | data: ablation, CE to ground truth")
+    prefix_loss: bool = arg(False, "ablation: add NTP cross-entropy on the ground-truth positions")
+    pretrain: bool = arg(False, "train a small model from scratch with plain NTP (builds the "
+                                "default teacher); no teacher, no <MTP>")
+    reuse_mtp: bool = arg(False, "allow an init that already has an <MTP> token, reusing its id")
+    steps: int = arg(300, "optimizer steps in total (a resumed run continues up to this)")
+    seq_len: int = arg(128, "ground-truth tokens per training sequence (N)")
+    regions: int = arg(0, "MTP regions per sequence (M); 0 = seq_len // (2 k_max) as in the paper")
+    step_tokens: int = arg(8192, "ground-truth tokens per optimizer step; sets gradient accumulation")
+    micro_batch: int = arg(32, "sequences per forward pass on each process")
+    lr: float = arg(3e-4, "peak learning rate (paper: 1e-5 for 8B models)")
+    warmup: int = arg(30, "linear warm-up steps, then constant (paper: 2000)")
+    cooldown: int = arg(0, "linear decay to 0 over the last this many steps (0 = none, as the paper)")
+    weight_decay: float = arg(0.01, "AdamW weight decay (PyTorch's default)")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this; 0 = off")
+    log_every: int = arg(10, "steps per log line / log.jsonl record")
+    save_every: int = arg(100, "steps per checkpoint (and one at the end)")
+    seed: int = arg(0, "seeds data order, k/offset draws and the <MTP> row")
+    resume: bool = arg(False, "continue the run in --out from its last checkpoint")
+    compile: bool = arg(False, "torch.compile the student and teacher")
+    device: str = arg("auto", "auto | cpu | cuda")
+    threads: int = arg(0, "CPU threads for torch (0 = torch's default)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(TrainConfig):
+        name = "--" + f.name.replace("_", "-")
+        if f.type == "bool" or isinstance(f.default, bool):
+            p.add_argument(name, action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"])
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+class ConfigError(ValueError):
+    """Bad command-line input: the message says what and how to fix it."""
+
+
+def check_config(cfg):
+    if cfg.pretrain:
+        return
+    if cfg.k < 2:
+        raise ConfigError(f"--k is k_max, the largest k drawn; it must be >= 2 (got {cfg.k})")
+    if cfg.teacher not in ("hard", "soft") or cfg.targets not in ("teacher", "data"):
+        raise ConfigError("--teacher must be hard|soft and --targets teacher|data")
+    if n_regions(cfg) < 1 or cfg.seq_len // n_regions(cfg) < cfg.k:
+        raise ConfigError(f"--seq-len {cfg.seq_len} is too short for {n_regions(cfg)} regions of "
+                          f"up to k={cfg.k} tokens: use --seq-len >= {max(1, n_regions(cfg)) * 2 * cfg.k} "
+                          "or fewer --regions")
+
+
+def n_regions(cfg):
+    return cfg.regions or cfg.seq_len // (2 * cfg.k)
+
+
+# -----------------------------------------------------------------------------
+# Pure pieces of the method: the LR schedule, the losses, the k/offset draw
+
+
+def lr_at(step, cfg):
+    """Linear warm-up to cfg.lr, then constant (the paper's schedule); optionally a linear
+    cool-down to 0 over the last cfg.cooldown steps (used to pretrain the default teacher)."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.cooldown:
+        lr *= min(1.0, (cfg.steps - step) / cfg.cooldown)
+    return lr
+
+
+def hard_ce(logits, target, weight):
+    """Mean cross-entropy of logits (n, V) against target ids (n,), weighted (n,), by hand."""
+    logits = logits.float()
+    nll = logits.logsumexp(-1) - logits.gather(-1, target.clamp(min=0)[:, None]).squeeze(-1)
+    return (nll * weight).sum() / weight.sum().clamp(min=1)
+
+
+def soft_kl(logits, teacher_probs, weight):
+    """Mean KL(teacher || student) over positions: sum_v t_v (log t_v - log s_v), by hand."""
+    logp = logits.float().log_softmax(-1)
+    kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * logp).sum(-1)
+    return (kl * weight).sum() / weight.sum().clamp(min=1)
+
+
+def draw_k_offset(rng, cfg):
+    """k uniform in [2, k_max] (or k_max with --fixed-k); offset uniform over one region stride."""
+    k = cfg.k if cfg.fixed_k else rng.randint(2, cfg.k)
+    return k, rng.randrange(cfg.seq_len // n_regions(cfg))
+
+
+# -----------------------------------------------------------------------------
+# One micro-step of each kind; each returns (loss, stats for logging)
+
+
+def mtp_step(student, teacher, seqs, k, offset, cfg, mtp_id, eos_id, device):
+    """Student forward -> argmax rollout -> teacher forward on it -> loss (METHOD.md, steps 1-4)."""
+    P = pack(seqs, k, offset, n_regions(cfg), cfg.seq_len, mtp_id, eos_id).to(device)
+    B, (M, _) = P.idx.size(0), P.sup.shape
+    sup = P.sup.reshape(1, M * k).expand(B, -1)                       # (B, M*k)
+    if cfg.prefix_loss:   # logits everywhere: the ground-truth positions are supervised too
+        all_logits = student(P.idx, pos=P.pos, mask=P.mask)           # (B, L, V+1)
+        logits = all_logits.gather(1, sup[..., None].expand(-1, -1, all_logits.size(-1)))
+    else:
+        logits = student(P.idx, pos=P.pos, mask=P.mask, out_idx=sup)  # (B, M*k, V+1)
+    logits = logits.float().view(B, M, k, -1)
+    # the student's rollout y'_1..y'_k (B, M, k); <MTP> is an input symbol, never an output
+    rollout = logits.detach().index_fill(-1, torch.tensor([mtp_id], device=device), -torch.inf).argmax(-1)
+    weight = P.valid[:, :, None].expand(B, M, k).float()
+    if cfg.targets == "data":
+        target = P.targets
+        weight = weight * (target >= 0)
+        loss = hard_ce(logits.view(-1, logits.size(-1)), target.view(-1), weight.reshape(-1))
+    else:
+        with torch.no_grad():
+            t_logits = teacher(teacher_input(P, rollout), pos=P.pos, mask=P.mask, out_idx=sup)
+            t_logits = t_logits.float().view(B, M, k, -1)
+        target = t_logits.argmax(-1)
+        target[P.past_eos] = eos_id                                  # past a row's EOS: EOS
+        if cfg.teacher == "hard":
+            loss = hard_ce(logits.view(-1, logits.size(-1)), target.view(-1), weight.reshape(-1))
+        else:
+            t_probs = t_logits.softmax(-1)
+            t_probs[P.past_eos] = F.one_hot(torch.tensor(eos_id, device=device), t_probs.size(-1)).float()
+            V = logits.size(-1)   # the student has one more column (<MTP>): the teacher gives it 0
+            t_probs = F.pad(t_probs, (0, V - t_probs.size(-1)))
+            loss = soft_kl(logits.view(-1, V), t_probs.view(-1, V), weight.reshape(-1))
+    if cfg.prefix_loss:
+        loss = loss + prefix_ntp_loss(all_logits, P, eos_id)
+    with torch.no_grad():
+        conf = logits.softmax(-1).amax(-1)                            # (B, M, k) top-1 confidence
+        agree = (rollout == target).float()
+    stats = {"conf": (conf * weight).sum((0, 1)), "agree": (agree * weight).sum((0, 1)),
+             "count": weight.sum((0, 1)), "tokens": weight.sum()}
+    return loss, stats
+
+
+def prefix_ntp_loss(all_logits, P, eos_id):
+    """Ablation: NTP cross-entropy at every ground-truth position (next ground-truth token)."""
+    x = P.idx[:, P.gt]                                                # (B, N) the ground truth
+    logits = all_logits[:, P.gt[:-1]]                                 # (B, N-1, V+1)
+    upto_eos = (x[:, :-1] != eos_id).cumprod(1).float()              # targets up to the EOS
+    return hard_ce(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), upto_eos.reshape(-1))
+
+
+def ntp_step(model, seqs, eos_id, device):
+    """Plain next-token training on unpacked rows (--pretrain)."""
+    T = max(len(s) for s in seqs)
+    x = torch.tensor([s + [eos_id] * (T - len(s)) for s in seqs], device=device)
+    w = torch.tensor([[1.0] * (len(s) - 1) + [0.0] * (T - len(s)) for s in seqs], device=device)
+    logits = model(x[:, :-1])
+    loss = hard_ce(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), w.reshape(-1))
+    return loss, {"tokens": w.sum()}
+
+
+# -----------------------------------------------------------------------------
+# Data order, checkpoints, processes
+
+
+class Stream:
+    """The global sample order: a seeded permutation per epoch; `pos` = samples consumed so far,
+    saved in the checkpoint so a resumed run sees exactly the samples it would have seen."""
+
+    def __init__(self, n, seed, pos=0):
+        self.n, self.seed, self.pos = n, seed, pos
+
+    def take(self, count):
+        out = []
+        for p in range(self.pos, self.pos + count):
+            epoch, i = divmod(p, self.n)
+            if i == 0 or not out:
+                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            out.append(int(order[i]))
+        self.pos += count
+        return out
+
+
+def save_checkpoint(out, student, tok, opt, state):
+    """Write ckpt.tmp/ in full, then swap it in for ckpt/: a kill never leaves a half checkpoint."""
+    tmp, final, old = (os.path.join(out, n) for n in ("ckpt.tmp", "ckpt", "ckpt.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tok.save(tmp)
+    torch.save({"optimizer": opt.state_dict(), **state}, os.path.join(tmp, "train_state.pt"))
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out):
+    for name in ("ckpt", "ckpt.old"):       # ckpt.old: killed between the two renames above
+        if os.path.isfile(os.path.join(out, name, "train_state.pt")):
+            return os.path.join(out, name)
+    raise ConfigError(f"--resume: no checkpoint in {out}/ckpt; start a new run without --resume")
+
+
+def setup_processes(cfg):
+    """(rank, world, device). torchrun sets RANK/WORLD_SIZE; gloo on CPU, nccl on CUDA."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def ranks_identical(model, world):
+    """All ranks hold the same weights (DDP's promise, checked at every save)."""
+    if world == 1:
+        return True
+    with torch.no_grad():
+        sums = torch.stack([torch.cat([p.detach().double().flatten() for p in model.parameters()]).sum(),
+                            sum((p.detach().double() ** 2).sum() for p in model.parameters())])
+    gathered = [torch.zeros_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums.to(next(model.parameters()).device))
+    return all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)
+
+
+# -----------------------------------------------------------------------------
+# The embedded default teacher: a small Llama-style model trained from scratch on synthetic math
+
+SYNTH_TEACHER = Config(model_type="llama", vocab_size=512, n_layer=4, n_head=6, n_kv_head=6,
+                       d_model=192, head_dim=32, d_ff=512, max_seq_len=256, tie_embeddings=True)
+# the exact command that built checkpoints/synth-teacher (distill.py runs it if it is missing)
+TEACHER_RECIPE = ["--pretrain", "--data", "synthetic", "--out", DEFAULT_TEACHER, "--steps", "1500",
+                  "--lr", "2e-3", "--warmup", "100", "--seq-len", "256", "--step-tokens", "6144",
+                  "--micro-batch", "32", "--save-every", "500"]
+
+
+def build_default_teacher():
+    print(f"no embedded teacher at {DEFAULT_TEACHER}: building it first "
+          f"(python distill.py {' '.join(TEACHER_RECIPE)})", flush=True)
+    train(parse_args(TEACHER_RECIPE))
+    # the teacher is the plain model: hoist it out of the run directory
+    ckpt = os.path.join(DEFAULT_TEACHER, "ckpt")
+    for name in os.listdir(ckpt):
+        if name != "train_state.pt":           # the optimizer state is not part of a teacher
+            os.replace(os.path.join(ckpt, name), os.path.join(DEFAULT_TEACHER, name))
+    shutil.rmtree(ckpt)
+
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def load_models(cfg, device):
+    """(student, teacher, tokenizer). Student = init + <MTP>, trainable; teacher = frozen init."""
+    if cfg.pretrain:
+        tok = data.synthetic_tokenizer(SYNTH_TEACHER.vocab_size) if cfg.data == "synthetic" \
+            else load_tokenizer("gpt2")
+        mcfg = Config(**{**SYNTH_TEACHER.summary(), "vocab_size": tok.n_vocab})
+        torch.manual_seed(cfg.seed)
+        return Transformer(mcfg).to(device), None, tok
+    init = cfg.init or DEFAULT_TEACHER
+    if not cfg.init and not os.path.isfile(os.path.join(DEFAULT_TEACHER, "model.safetensors")):
+        build_default_teacher()
+    from model import resolve_checkpoint
+    init = resolve_checkpoint(init)
+    tok = load_tokenizer(init)
+    teacher = Transformer.from_pretrained(init, device=device).requires_grad_(False).eval()
+    student = Transformer.from_pretrained(init, device=device)
+    if student.cfg.mtp_token_id is None:
+        student.add_mtp_token(seed=cfg.seed)
+    elif not cfg.reuse_mtp:
+        raise ConfigError(f"{init} already has an <MTP> token (id {student.cfg.mtp_token_id}): it is "
+                          "an MTP checkpoint. Continue its run with --out RUN --resume, or pass "
+                          "--reuse-mtp to distill it further with the same token")
+    return student, teacher, tok
+
+
+def train(cfg):
+    check_config(cfg)
+    rank, world, device = setup_processes(cfg)
+    master = rank == 0
+    cuda = device.type == "cuda"
+    student, teacher, tok = load_models(cfg, device)
+    rows = load_dataset(cfg.data, "train", cfg.data if cfg.data.endswith(".jsonl") else None)
+    seqs = [s for s in (sample_ids(tok, r) for r in rows) if len(s) > 1]
+    if not seqs:
+        raise ConfigError(f"dataset {cfg.data!r} has no usable rows")
+    if not cfg.pretrain and cfg.seq_len + cfg.k - 1 > student.cfg.max_seq_len:
+        raise ConfigError(f"--seq-len {cfg.seq_len} + k {cfg.k} exceeds the model's context "
+                          f"({student.cfg.max_seq_len})")
+    if cfg.pretrain:
+        seqs = [s[:cfg.seq_len] for s in seqs]
+
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)                      # k and offset draws
+    stream = Stream(len(seqs), cfg.seed)
+    step = 0
+    if cfg.resume:
+        ck = latest_checkpoint(cfg.out)
+        state = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False)
+        student = Transformer.from_pretrained(ck, device=device)
+        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt.load_state_dict(state["optimizer"])
+        step, stream.pos = state["step"], state["data_pos"]
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if master:
+            print(f"resumed {ck} at step {step}", flush=True)
+    raw = student
+    if cfg.compile:
+        student = torch.compile(student)
+        teacher = torch.compile(teacher) if teacher is not None else None
+    if world > 1:
+        student = torch.nn.parallel.DistributedDataParallel(student)
+
+    mtp_id = raw.cfg.mtp_token_id
+    if not cfg.pretrain:
+        raw.cfg.mtp_k_max = cfg.k                     # decode.py reads k_max from the checkpoint
+    per_fwd = cfg.micro_batch * world
+    accum = max(1, cfg.step_tokens // (per_fwd * cfg.seq_len))
+    if master:
+        os.makedirs(cfg.out, exist_ok=True)
+        n_params = sum(p.numel() for p in raw.parameters())
+        print(f"{'pretrain' if cfg.pretrain else 'distill'}: {n_params / 1e6:.2f}M params on {device}"
+              f" x{world}, {len(seqs)} samples, {accum} x {per_fwd} sequences per step", flush=True)
+        with open(os.path.join(cfg.out, "args.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    K = cfg.k
+
+    def fresh():
+        return {"loss": 0.0, "n": 0, "tokens": 0.0, "conf": torch.zeros(K), "agree": torch.zeros(K),
+                "count": torch.zeros(K), "t0": time.perf_counter(), "steps": 0}
+
+    acc, t_start, start_step = fresh(), time.perf_counter(), step
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        for micro in range(accum):
+            batch = stream.take(per_fwd)[rank * cfg.micro_batch:(rank + 1) * cfg.micro_batch]
+            batch = [seqs[i] for i in batch]
+            k, offset = draw_k_offset(rng, cfg)
+            sync = world == 1 or micro == accum - 1
+            ctx = student.no_sync() if not sync else torch.enable_grad()
+            with ctx, amp:
+                if cfg.pretrain:
+                    loss, st = ntp_step(student, batch, tok.eos_id, device)
+                else:
+                    loss, st = mtp_step(student, teacher, batch, k, offset, cfg, mtp_id, tok.eos_id, device)
+            (loss / accum).backward()
+            acc["loss"] += loss.item() / accum
+            acc["tokens"] += float(st["tokens"])
+            if "conf" in st:
+                for name in ("conf", "agree", "count"):
+                    acc[name][:k] += st[name].float().cpu()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        acc["n"] += 1
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            if cuda:
+                torch.cuda.synchronize()
+            if world > 1:  # every rank's statistics, not only rank 0's
+                packed = torch.cat([torch.tensor([acc["loss"], acc["tokens"]]), acc["conf"],
+                                    acc["agree"], acc["count"]]).to(device)
+                dist.all_reduce(packed)
+                packed = packed.cpu()
+                acc["loss"], acc["tokens"] = packed[0].item() / world, packed[1].item()
+                acc["conf"], acc["agree"], acc["count"] = packed[2:].split(K)
+            dt = time.perf_counter() - acc["t0"]
+            rec = {"step": step, "loss": acc["loss"] / acc["n"], "lr": lr_at(step - 1, cfg),
+                   "step_ms": 1000 * dt / acc["n"], "sup_tok_per_s": acc["tokens"] / dt}
+            if not cfg.pretrain:
+                has = acc["count"] > 0
+                rec["conf"] = [round(float(c / n), 4) if h else None
+                               for c, n, h in zip(acc["conf"], acc["count"], has)]
+                rec["agree"] = [round(float(a / n), 4) if h else None
+                                for a, n, h in zip(acc["agree"], acc["count"], has)]
+            if master:
+                eta = (time.perf_counter() - t_start) / (step - start_step) * (cfg.steps - step)
+                line = (f"step {step}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                        f"{rec['step_ms']:.0f} ms/step | {rec['sup_tok_per_s']:.0f} sup tok/s | "
+                        f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
+                if "agree" in rec:
+                    fmt = lambda xs: " ".join("-" if x is None else f"{x:.2f}" for x in xs)
+                    line += f"\n    conf@j {fmt(rec['conf'])} | agree@j {fmt(rec['agree'])}"
+                print(line, flush=True)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            acc = fresh()
+
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            same = ranks_identical(raw, world)
+            if not same:
+                raise RuntimeError("DDP ranks hold different weights")
+            if master:
+                save_checkpoint(cfg.out, raw, tok, opt, {
+                    "step": step, "data_pos": stream.pos, "rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(), "args": asdict(cfg)})
+                log.write(json.dumps({"step": step, "saved": os.path.join(cfg.out, "ckpt"),
+                                      "ranks_identical": same, "world": world}) + "\n")
+                log.flush()
+    if master:
+        log.close()
+        print(f"done: {step} steps in {time.perf_counter() - t_start:.0f} s; student in "
+              f"{os.path.join(cfg.out, 'ckpt')}", flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return raw
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except (ConfigError, CheckpointError, TokenizerError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""decode.py: acceptance rules, cache bookkeeping, and equivalence with plain greedy decoding."""
+import pytest
+import torch
+
+from conftest import tiny_model
+from decode import DecodeError, accept_confadapt, accept_static, generate, main
+from model import KVCache
+
+
+def greedy_reference(model, prompt, n, stop_ids=()):
+    """Plain greedy NTP decoding with no cache: the whole sequence every step."""
+    seq = list(prompt)
+    for _ in range(n):
+        nxt = int(model(torch.tensor([seq]))[0, -1].argmax())
+        seq.append(nxt)
+        if nxt in stop_ids:
+            break
+    return seq[len(prompt):]
+
+
+def mtp_model(**kw):
+    m = tiny_model(**kw)
+    m.add_mtp_token()
+    m.cfg.mtp_k_max = 4
+    return m
+
+
+def test_accept_rules():
+    conf = torch.tensor([[0.95, 0.92, 0.5, 0.99], [0.3, 0.99, 0.99, 0.99], [0.99, 0.99, 0.99, 0.99]])
+    assert accept_confadapt(conf, 0.9).tolist() == [2, 1, 4]
+    assert accept_confadapt(conf, 1.0).tolist() == [1, 1, 1]
+    assert accept_confadapt(conf, 0.0).tolist() == [4, 4, 4]
+    assert accept_static(conf, 3).tolist() == [3, 3, 3]
+    assert accept_static(conf, 9).tolist() == [4, 4, 4]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_static_k1_equals_greedy(model_type):
+    m = mtp_model(model_type=model_type)
+    prompt = [3, 14, 15, 9, 2, 6]
+    ref = greedy_reference(m, prompt, 25)
+    out, st = generate(m, prompt, max_new_tokens=25, static_k=1)
+    assert out == ref and st["passes"] == 25 and st["effective_k"] == 1.0
+    # the same model before <MTP> existed: k=1 needs no mask token at all
+    plain = tiny_model(model_type=model_type)
+    assert generate(plain, prompt, max_new_tokens=25, static_k=1)[0] == greedy_reference(plain, prompt, 25)
+
+
+def test_confadapt_tau1_is_greedy_and_tau0_emits_k_max():
+    m = mtp_model()
+    prompt = [5, 8, 13, 21]
+    ref = greedy_reference(m, prompt, 24)
+    out, st = generate(m, prompt, max_new_tokens=24, tau=1.0)
+    assert out == ref and set(st["accepted"]) == {1}
+    out, st = generate(m, prompt, max_new_tokens=24, tau=0.0)
+    assert st["accepted"] == [4] * 6 and len(out) == 24
+    out, st = generate(m, prompt, max_new_tokens=24, tau=0.0, k_max=3)
+    assert st["accepted"] == [3] * 8
+
+
+def test_cache_holds_real_tokens_only():
+    m = mtp_model()
+    prompt = [1, 2, 3, 4, 5]
+    for rule in ({"tau": 0.0}, {"static_k": 3}, {"tau": 0.2}):
+        out, st = generate(m, prompt, max_new_tokens=30, **rule)
+        real = len(prompt)
+        for n, length in zip(st["accepted"], st["cache_lens"]):
+            assert length == real            # before this pass's accepted tokens go in
+            real += n
+
+
+def test_stop_token_trims_and_stops():
+    m = mtp_model()
+    prompt = [7, 7, 7]
+    free, st = generate(m, prompt, max_new_tokens=30, tau=0.0)
+    stop = free[5]                              # a token the model emits in its 2nd pass
+    first = free.index(stop)
+    out, st = generate(m, prompt, max_new_tokens=30, tau=0.0, stop_ids=[stop])
+    assert out == free[:first + 1] and st["stopped"]
+    ref = greedy_reference(m, prompt, 30, stop_ids=[stop])
+    assert generate(m, prompt, max_new_tokens=30, static_k=1, stop_ids=[stop])[0] == ref
+
+
+def test_static_k_tokens_come_from_one_pass():
+    """Static k=2: the second token of each pass is the <MTP> slot's prediction (not greedy)."""
+    m = mtp_model()
+    prompt = [4, 4, 2]
+    out, st = generate(m, prompt, max_new_tokens=6, static_k=2)
+    x = torch.tensor([prompt + [m.cfg.mtp_token_id]])
+    first = m(x)[0, -2:].argmax(-1).tolist()
+    assert out[:2] == first and st["accepted"] == [2, 2, 2]
+
+
+def test_bad_input_messages():
+    m = mtp_model()
+    with pytest.raises(DecodeError, match="prompt is empty"):
+        generate(m, [], tau=0.9)
+    with pytest.raises(DecodeError, match="context"):
+        generate(m, list(range(10)) * 13, tau=0.9)
+    with pytest.raises(DecodeError, match=r"tau must be in \[0, 1\]"):
+        generate(m, [1], tau=1.5)
+    with pytest.raises(DecodeError, match="k must be >= 1"):
+        generate(m, [1], static_k=0)
+    with pytest.raises(DecodeError, match="no <MTP> token"):
+        generate(tiny_model(), [1], static_k=3)
+
+
+def test_cli_errors_are_messages(tmp_path, capsys):
+    m = tiny_model()
+    m.save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["--ckpt", str(tmp_path), "--prompt", "x", "--tau", "0.5"])
+    assert e.value.code == 2
+    assert "no tokenizer" in capsys.readouterr().err

@@ -1,0 +1,126 @@
+"""distill.py: the losses against naive loops, exact resume, DDP, and bad-input messages."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_config
+from data import synthetic_tokenizer
+from distill import TrainConfig, hard_ce, lr_at, main, parse_args, soft_kl, train
+from model import Transformer
+
+
+def test_hard_ce_equals_naive_loop():
+    logits, target = torch.randn(7, 11), torch.randint(0, 11, (7,))
+    weight = torch.tensor([1, 0, 1, 1, 0, 1, 1.0])
+    naive = [-torch.log(torch.softmax(logits[i], 0)[target[i]]) for i in range(7) if weight[i]]
+    torch.testing.assert_close(hard_ce(logits, target, weight), torch.stack(naive).mean())
+
+
+def test_soft_kl_equals_naive_loop():
+    logits, t_logits = torch.randn(6, 9), torch.randn(6, 9) * 2
+    t = torch.softmax(t_logits, -1)
+    t[2] = torch.nn.functional.one_hot(torch.tensor(4), 9).float()    # zeros in the teacher too
+    weight = torch.tensor([1, 1, 1, 0, 1, 1.0])
+    naive = []
+    for i in range(6):
+        if weight[i]:
+            s = torch.softmax(logits[i], 0)
+            naive.append(sum(t[i, v] * torch.log(t[i, v] / s[v]) for v in range(9) if t[i, v] > 0))
+    torch.testing.assert_close(soft_kl(logits, t, weight), torch.stack(naive).mean())
+    assert soft_kl(t_logits, torch.softmax(t_logits, -1), weight).abs() < 1e-6   # KL(p||p) = 0
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1e-3, warmup=10, steps=100)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, cfg) == pytest.approx(1e-3)                     # constant after warm-up
+    cfg.cooldown = 50
+    assert lr_at(75, cfg) == pytest.approx(0.5e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory):
+    """A tiny random Llama with the synthetic tokenizer: a teacher that trains in seconds."""
+    d = tmp_path_factory.mktemp("init")
+    torch.manual_seed(0)
+    tok = synthetic_tokenizer()
+    cfg = tiny_config(vocab=tok.n_vocab, max_seq_len=256)
+    Transformer(cfg).save_pretrained(d)
+    tok.save(d)
+    return str(d)
+
+
+def run_args(init, out, *extra):
+    return ["--init", init, "--out", str(out), "--k", "4", "--seq-len", "64", "--micro-batch", "4",
+            "--step-tokens", "512", "--log-every", "2", "--save-every", "3", "--threads", "1", *extra]
+
+
+def weights(path):
+    return Transformer.from_pretrained(path).state_dict()
+
+
+@pytest.mark.parametrize("mode", [[], ["--teacher", "soft"], ["--targets", "data", "--fixed-k"],
+                                  ["--prefix-loss"]])
+def test_training_modes_run_and_log(tiny_init, tmp_path, mode):
+    train(parse_args(run_args(tiny_init, tmp_path, "--steps", "4", *mode)))
+    recs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    logs = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in logs] == [2, 4]
+    assert all(len(r["agree"]) == 4 and r["sup_tok_per_s"] > 0 for r in logs)
+    m = Transformer.from_pretrained(str(tmp_path / "ckpt"))
+    assert m.cfg.mtp_token_id == 512 and m.cfg.mtp_k_max == 4
+    assert os.path.isfile(tmp_path / "ckpt" / "tokenizer.tiktoken")
+
+
+def test_resume_is_exact(tiny_init, tmp_path):
+    """N steps, then resume for N more == 2N steps in one go (same weights, bit for bit)."""
+    train(parse_args(run_args(tiny_init, tmp_path / "once", "--steps", "6")))
+    train(parse_args(run_args(tiny_init, tmp_path / "twice", "--steps", "3")))
+    train(parse_args(run_args(tiny_init, tmp_path / "twice", "--steps", "6", "--resume")))
+    a, b = weights(str(tmp_path / "once" / "ckpt")), weights(str(tmp_path / "twice" / "ckpt"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # and it did train: the student moved away from the init
+    init = weights(tiny_init)
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
+
+
+def test_ddp_two_processes_keep_identical_weights(tiny_init, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29533", os.path.join(ROOT, "distill.py"),
+           *run_args(tiny_init, tmp_path, "--steps", "3")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    saves = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "saved" in line]
+    assert saves and all(s["ranks_identical"] and s["world"] == 2 for s in saves)
+
+
+def test_bad_input_messages(tiny_init, tmp_path, capsys):
+    def fails(args, message):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+    fails(run_args(str(tmp_path / "nowhere"), tmp_path / "o1"), "neither a checkpoint directory")
+    fails(run_args(tiny_init, tmp_path / "o2", "--k", "1"), "must be >= 2")
+    fails(run_args(tiny_init, tmp_path / "o3", "--seq-len", "12", "--regions", "4"), "too short")
+    fails(run_args(tiny_init, tmp_path / "o4", "--resume"), "no checkpoint in")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in os.listdir(tiny_init):
+        (corrupt / name).write_bytes(open(os.path.join(tiny_init, name), "rb").read())
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
+    fails(run_args(str(corrupt), tmp_path / "o5"), "cannot read")
+    # an init that already is an MTP checkpoint
+    train(parse_args(run_args(tiny_init, tmp_path / "mtp", "--steps", "1")))
+    fails(run_args(str(tmp_path / "mtp" / "ckpt"), tmp_path / "o6"), "already has an <MTP> token")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    fails(run_args(tiny_init, tmp_path / "o7", "--data", str(empty)), "has no usable rows")
