@@ -24,9 +24,11 @@ import torch
 # Tokenizers
 
 # GPT-2's pre-tokenizer regex, and a variant that splits every digit into its own piece (the
-# SmolLM2 tokenizer does this, and it makes arithmetic easier to learn for our small models)
+# SmolLM2 tokenizer does this, and it makes arithmetic easier to learn for our small models).
+# In the variant a run of spaces before a digit stays one piece, as HF's Digits-then-ByteLevel
+# pre-tokenizer leaves it.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-DIGITS_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+DIGITS_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                   r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
@@ -361,7 +363,7 @@ def _boxes(r):
 
 
 def _change(r):
-    (name, he), thing = r.choice(NAMES), r.choice(THINGS)
+    (name, _), thing = r.choice(NAMES), r.choice(THINGS)
     p = r.randint(2, 12)
     k = r.randint(2, min(9, 100 // p))
     bill = 100 if p * k > 50 else r.choice([50, 100])
@@ -387,7 +389,7 @@ def _compare(r):
 
 
 def _share(r):
-    (name, he), item = r.choice(NAMES), r.choice(ITEMS)
+    (name, _), item = r.choice(NAMES), r.choice(ITEMS)
     n, each = r.randint(2, 9), r.randint(2, 12)
     t, e = n * each, r.randint(2, 20)
     q = [f"{name} shares {t} {item} equally among {n} friends.",

@@ -18,7 +18,6 @@ atomically every --save-every steps and at the end) and log.jsonl (one record pe
 """
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 import data
 from data import TokenizerError, load_dataset, load_tokenizer, pack, sample_ids, teacher_input
-from model import CheckpointError, Config, Transformer
+from model import CheckpointError, Config, Transformer, block_mask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TEACHER = os.path.join(HERE, "checkpoints", "synth-teacher")
@@ -74,6 +73,7 @@ class TrainConfig:
     seed: int = arg(0, "seeds data order, k/offset draws and the <MTP> row")
     resume: bool = arg(False, "continue the run in --out from its last checkpoint")
     compile: bool = arg(False, "torch.compile the student and teacher")
+    attention: str = arg("sdpa", "sdpa: boolean-mask SDPA | flex: FlexAttention block mask (CUDA)")
     device: str = arg("auto", "auto | cpu | cuda")
     threads: int = arg(0, "CPU threads for torch (0 = torch's default)")
 
@@ -101,6 +101,8 @@ def check_config(cfg):
         raise ConfigError(f"--k is k_max, the largest k drawn; it must be >= 2 (got {cfg.k})")
     if cfg.teacher not in ("hard", "soft") or cfg.targets not in ("teacher", "data"):
         raise ConfigError("--teacher must be hard|soft and --targets teacher|data")
+    if cfg.attention not in ("sdpa", "flex"):
+        raise ConfigError("--attention must be sdpa or flex")
     if n_regions(cfg) < 1 or cfg.seq_len // n_regions(cfg) < cfg.k:
         raise ConfigError(f"--seq-len {cfg.seq_len} is too short for {n_regions(cfg)} regions of "
                           f"up to k={cfg.k} tokens: use --seq-len >= {max(1, n_regions(cfg)) * 2 * cfg.k} "
@@ -151,6 +153,8 @@ def draw_k_offset(rng, cfg):
 def mtp_step(student, teacher, seqs, k, offset, cfg, mtp_id, eos_id, device):
     """Student forward -> argmax rollout -> teacher forward on it -> loss (METHOD.md, steps 1-4)."""
     P = pack(seqs, k, offset, n_regions(cfg), cfg.seq_len, mtp_id, eos_id).to(device)
+    if cfg.attention == "flex":             # one block mask: the layout is the same for every row
+        P.mask = block_mask(P.mask)
     B, (M, _) = P.idx.size(0), P.sup.shape
     sup = P.sup.reshape(1, M * k).expand(B, -1)                       # (B, M*k)
     if cfg.prefix_loss:   # logits everywhere: the ground-truth positions are supervised too
@@ -285,9 +289,10 @@ def ranks_identical(model, world):
 SYNTH_TEACHER = Config(model_type="llama", vocab_size=512, n_layer=4, n_head=6, n_kv_head=6,
                        d_model=192, head_dim=32, d_ff=512, max_seq_len=256, tie_embeddings=True)
 # the exact command that built checkpoints/synth-teacher (distill.py runs it if it is missing)
-TEACHER_RECIPE = ["--pretrain", "--data", "synthetic", "--out", DEFAULT_TEACHER, "--steps", "1500",
-                  "--lr", "2e-3", "--warmup", "100", "--seq-len", "256", "--step-tokens", "6144",
-                  "--micro-batch", "32", "--save-every", "500"]
+TEACHER_RECIPE = ["--pretrain", "--data", "synthetic", "--out", DEFAULT_TEACHER, "--steps", "3000",
+                  "--lr", "2e-3", "--warmup", "100", "--cooldown", "1000", "--seq-len", "256",
+                  "--step-tokens", "6144", "--micro-batch", "32", "--save-every", "500",
+                  "--log-every", "50"]
 
 
 def build_default_teacher():
@@ -337,6 +342,9 @@ def train(cfg):
     rank, world, device = setup_processes(cfg)
     master = rank == 0
     cuda = device.type == "cuda"
+    if cfg.attention == "flex" and not cuda:
+        raise ConfigError("--attention flex needs CUDA (FlexAttention has no backward on the CPU); "
+                          "use --attention sdpa")
     student, teacher, tok = load_models(cfg, device)
     rows = load_dataset(cfg.data, "train", cfg.data if cfg.data.endswith(".jsonl") else None)
     seqs = [s for s in (sample_ids(tok, r) for r in rows) if len(s) > 1]

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 # -----------------------------------------------------------------------------
 # Config: read from (and written back to) a Hugging Face config.json
@@ -198,6 +199,30 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def block_mask(mask):
+    """A boolean (L, L) mask, True = may attend, as a FlexAttention BlockMask for forward(mask=...).
+
+    The packed MTP layout is mostly empty away from the diagonal: on CUDA, FlexAttention skips
+    the 128x128 tiles that are fully masked instead of multiplying by zeros.
+    """
+    L = mask.size(-1)
+    return create_block_mask(lambda b, h, q, kv: mask[q, kv], B=None, H=None, Q_LEN=L, KV_LEN=L,
+                             device=mask.device)
+
+
+_flex_compiled = None
+
+
+def flex(device):
+    """flex_attention, compiled on CUDA (its fast path); the eager reference elsewhere."""
+    global _flex_compiled
+    if device.type != "cuda":
+        return flex_attention
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention)
+    return _flex_compiled
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -216,8 +241,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.store(layer, k, v)                     # (B, nkv, S, hs), S = past + T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.nkv != self.nh)
+        if isinstance(mask, BlockMask):   # FlexAttention: skips fully masked tiles on the GPU
+            y = flex(q.device)(q, k, v, block_mask=mask, enable_gqa=self.nkv != self.nh)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=self.nkv != self.nh)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
 
 
@@ -283,7 +311,8 @@ class Transformer(nn.Module):
         """
         idx:   (B, T) token ids.
         pos:   (B, T) or (T,) position ids; default: continue from the cache (0 without one).
-        mask:  (B, T, S) or (T, S) boolean, True = may attend, S = cached + T; default causal.
+        mask:  (B, T, S) or (T, S) boolean, True = may attend, S = cached + T; default causal;
+               or a FlexAttention BlockMask (see block_mask).
         cache: a KVCache that grows by these T tokens.
         out_idx: (B, n) positions at which to compute logits (default all): saves the vocab
                projection where only a few positions are supervised.
@@ -301,7 +330,7 @@ class Transformer(nn.Module):
         causal = mask is None and past == 0            # the plain causal LM: SDPA's own mask
         if mask is None and past > 0 and T > 1:         # causal within the new tokens, all the past
             mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(past)
-        if mask is not None and mask.dim() == 3:
+        if isinstance(mask, torch.Tensor) and mask.dim() == 3:
             mask = mask.unsqueeze(1)                    # (B, 1, T, S): the same for every head
 
         x = self.embed(idx)                            # (B, T, D)

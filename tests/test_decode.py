@@ -4,7 +4,7 @@ import torch
 
 from conftest import tiny_model
 from decode import DecodeError, accept_confadapt, accept_static, generate, main
-from model import KVCache
+
 
 
 def greedy_reference(model, prompt, n, stop_ids=()):
