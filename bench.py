@@ -7,8 +7,9 @@ Accuracy vs acceleration vs wall clock for every decoding strategy (the paper's 
 
 For each strategy (the step-0 checkpoint at k=1 if --baseline is given, static k, ConfAdapt tau):
 accuracy (flexible and strict extraction, each with its standard error), effective k (tokens
-per forward pass, mean +- std over generations), tokens/s and the wall-clock speedup over static
-k=1 of the same checkpoint in the same process, and the mean per-token NLL of the outputs under
+per forward pass, mean +- std over generations), the time of one forward pass (CUDA events on
+the GPU), tokens/s of the whole decoding loop and its wall-clock speedup over static k=1 of the
+same checkpoint in the same process, and the mean per-token NLL of the outputs under
 a teacher checkpoint (the paper's validation metric; useful where accuracy is near zero).
 Writes OUT.md (table), OUT.json, and OUT.png (Pareto plot) when matplotlib is installed.
 """
@@ -93,7 +94,7 @@ def teacher_nll(teacher, prompt_ids, out_ids):
 def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, progress):
     timer = PassTimer(model.device)
     flex, strict, eff_k, nll, n_tok = [], [], [], 0.0, 0
-    tokens = 0
+    tokens, wall_ms = 0, 0.0
     samples = []
     stop_fn = None
     if args.format == "fewshot":
@@ -108,6 +109,7 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
         strict.append(float(same_number(extract_strict(text), gold)))
         eff_k.append(st["effective_k"])
         tokens += st["tokens"]
+        wall_ms += st["wall_ms"]
         if teacher is not None:
             kept = tok.encode(text) if text != tok.decode(out) else out
             s, n = teacher_nll(teacher, ids, kept)
@@ -115,13 +117,13 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
         if i < 3:
             samples.append(text)
         progress(i + 1)
-    total_s = sum(timer.times()) / 1000
+    forward_s, wall_s = sum(timer.times()) / 1000, wall_ms / 1000
     acc, acc_se = mean_se(flex)
     sacc, sacc_se = mean_se(strict)
     return {"strategy": name, "n": len(problems), "acc": acc, "acc_se": acc_se, "strict": sacc,
             "strict_se": sacc_se, "eff_k": statistics.mean(eff_k),
-            "eff_k_std": statistics.pstdev(eff_k), "tokens": tokens, "decode_s": total_s,
-            "tokens_per_s": tokens / total_s if total_s else 0.0,
+            "eff_k_std": statistics.pstdev(eff_k), "tokens": tokens, "decode_s": wall_s,
+            "ms_per_pass": 1000 * forward_s / len(timer.times()), "tokens_per_s": tokens / wall_s,
             "teacher_nll": nll / n_tok if n_tok else None, "samples": samples}
 
 
@@ -131,13 +133,14 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
 
 def table(results, header):
     lines = [header, "",
-             "| strategy | accuracy (flex) | strict | effective k | tokens/s | wall-clock speedup | teacher NLL |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| strategy | accuracy (flex) | strict | effective k | ms/pass | tokens/s | wall-clock speedup | teacher NLL |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         nll = f"{r['teacher_nll']:.3f}" if r.get("teacher_nll") is not None else "-"
         lines.append(f"| {r['strategy']} | {100 * r['acc']:.1f} ± {100 * r['acc_se']:.1f} | "
                      f"{100 * r['strict']:.1f} ± {100 * r['strict_se']:.1f} | "
-                     f"{r['eff_k']:.2f} ± {r['eff_k_std']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['eff_k']:.2f} ± {r['eff_k_std']:.2f} | {r['ms_per_pass']:.2f} | "
+                     f"{r['tokens_per_s']:.1f} | "
                      f"{r['speedup']:.2f}x | {nll} |")
     return "\n".join(lines) + "\n"
 
