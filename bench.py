@@ -94,7 +94,7 @@ def teacher_nll(teacher, prompt_ids, out_ids):
 def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, progress):
     timer = PassTimer(model.device)
     flex, strict, eff_k, nll, n_tok = [], [], [], 0.0, 0
-    tokens, wall_ms = 0, 0.0
+    tokens, wall_ms, step_ms, steps = 0, 0.0, 0.0, 0
     samples = []
     stop_fn = None
     if args.format == "fewshot":
@@ -110,6 +110,8 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
         eff_k.append(st["effective_k"])
         tokens += st["tokens"]
         wall_ms += st["wall_ms"]
+        step_ms += sum(st["ms"][1:])           # decoding passes; the first one is the prefill
+        steps += len(st["ms"]) - 1
         if teacher is not None:
             kept = tok.encode(text) if text != tok.decode(out) else out
             s, n = teacher_nll(teacher, ids, kept)
@@ -117,13 +119,13 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
         if i < 3:
             samples.append(text)
         progress(i + 1)
-    forward_s, wall_s = sum(timer.times()) / 1000, wall_ms / 1000
+    wall_s = wall_ms / 1000
     acc, acc_se = mean_se(flex)
     sacc, sacc_se = mean_se(strict)
     return {"strategy": name, "n": len(problems), "acc": acc, "acc_se": acc_se, "strict": sacc,
             "strict_se": sacc_se, "eff_k": statistics.mean(eff_k),
             "eff_k_std": statistics.pstdev(eff_k), "tokens": tokens, "decode_s": wall_s,
-            "ms_per_pass": 1000 * forward_s / len(timer.times()), "tokens_per_s": tokens / wall_s,
+            "ms_per_pass": step_ms / max(1, steps), "tokens_per_s": tokens / wall_s,
             "teacher_nll": nll / n_tok if n_tok else None, "samples": samples}
 
 
@@ -192,6 +194,8 @@ def main(argv=None):
         model = Transformer.from_pretrained(a.ckpt, device=a.device).eval()
         tok = load_tokenizer(a.ckpt)
         path = a.data if a.data.endswith(".jsonl") else None
+        if a.limit < 1 or a.max_new < 1:
+            raise DecodeError("--limit and --max-new must be >= 1")
         problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path)[:a.limit]
         a.format = a.format if a.format != "auto" else ("fewshot" if a.data == "gsm8k" else "qa")
         prompter = make_prompter(a.format, tok)
@@ -204,6 +208,15 @@ def main(argv=None):
             strategies.insert(0, ("baseline k=1 (step 0)", baseline, {"static_k": 1}))
         for name, m, rule in strategies:        # bad settings fail now, not after an hour
             check_request(m, [0], rule.get("static_k"), rule.get("tau"), rule.get("k_max"))
+        longest = max(len(prompter(row["question"])) for row in problems)
+        for m in {id(m): m for _, m, _ in strategies}.values():
+            if longest + a.max_new > m.cfg.max_seq_len:
+                raise DecodeError(f"the longest prompt ({longest} tokens) + --max-new {a.max_new} "
+                                  f"exceeds the model's context ({m.cfg.max_seq_len}): lower "
+                                  "--max-new or use a shorter --format")
+        trained = model.cfg.mtp_k_max
+        strategies = [(name + " (beyond trained k_max)" if rule.get("static_k", 0) > (trained or 99)
+                       else name, m, rule) for name, m, rule in strategies]
     except (DecodeError, CheckpointError, TokenizerError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

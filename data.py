@@ -48,6 +48,10 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be loaded; the message names the file and the fix."""
 
 
+class DataError(ValueError):
+    """A dataset that cannot be read; the message names the file, the line and the fix."""
+
+
 class Tokenizer:
     """A tiktoken Encoding plus what the project needs to know around it: EOS, stop tokens, chat.
 
@@ -176,6 +180,20 @@ def bpe_to_tiktoken(vocab, merges, name="bpe", pattern=DIGITS_PATTERN, specials=
     return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_ids)
 
 
+def pre_tokenizer_pattern(pre, path):
+    """The tiktoken split regex equivalent to a tokenizer.json pre_tokenizer."""
+    steps = pre.get("pretokenizers", [pre])
+    for step in steps:                            # Llama-3, Qwen2: an explicit Split regex
+        if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
+            return step["pattern"]["Regex"]
+    if any(step.get("type") == "Digits" and step.get("individual_digits") for step in steps):
+        return DIGITS_PATTERN                     # SmolLM2: digits one by one, then GPT-2's
+    if any(step.get("type") == "ByteLevel" and step.get("use_regex", True) for step in steps):
+        return GPT2_PATTERN
+    raise TokenizerError(f"{path}: pre_tokenizer {json.dumps(pre)[:200]} has no regex we can "
+                         "express in tiktoken")
+
+
 def hf_json_tokenizer(path, eos=None):
     """A Hugging Face byte-level BPE tokenizer.json, converted to tiktoken."""
     with open(path) as f:
@@ -188,8 +206,7 @@ def hf_json_tokenizer(path, eos=None):
     vocab = dict(model["vocab"])
     for t in tj.get("added_tokens", []):
         vocab[t["content"]] = t["id"]
-    pre = json.dumps(tj.get("pre_tokenizer"))
-    pattern = DIGITS_PATTERN if '"individual_digits": true' in pre else GPT2_PATTERN
+    pattern = pre_tokenizer_pattern(tj.get("pre_tokenizer") or {}, path)
     enc = bpe_to_tiktoken(vocab, model["merges"], os.path.basename(os.path.dirname(path)), pattern, specials)
     cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
     if eos is None and os.path.isfile(cfg_path):
@@ -197,8 +214,8 @@ def hf_json_tokenizer(path, eos=None):
             eos = json.load(f).get("eos_token")
         eos = eos["content"] if isinstance(eos, dict) else eos
     eos = eos or specials[0]
-    chat = "chatml" if "<|im_start|>" in specials else None
-    stops = [s for s in ("<|im_end|>", "<|endoftext|>") if s in specials]
+    chat = "chatml" if "<|im_start|>" in specials else "llama3" if "<|start_header_id|>" in specials else None
+    stops = [s for s in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>") if s in specials]
     return Tokenizer(enc, eos=eos, stops=stops, chat=chat)
 
 
@@ -222,11 +239,10 @@ def load_tokenizer(spec):
                                 special_tokens=meta["special_tokens"])
         return Tokenizer(enc, eos=meta["eos"], stops=meta.get("stops", ()), chat=meta.get("chat"),
                          bos=meta.get("bos"))
-    for name in ("tokenizer.json",):
-        if os.path.isfile(os.path.join(spec, name)):
-            return hf_json_tokenizer(os.path.join(spec, name))
-    if os.path.isfile(os.path.join(spec, "tokenizer.model")):
+    if os.path.isfile(os.path.join(spec, "tokenizer.model")):     # Llama-3's own tiktoken file
         return llama3_tokenizer(os.path.join(spec, "tokenizer.model"))
+    if os.path.isfile(os.path.join(spec, "tokenizer.json")):
+        return hf_json_tokenizer(os.path.join(spec, "tokenizer.json"))
     cfg = os.path.join(spec, "config.json")
     if os.path.isfile(cfg):
         with open(cfg) as f:
@@ -286,9 +302,9 @@ def read_jsonl(path):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
-                    raise ValueError(f"{path}:{n} is not valid JSON") from None
+                    raise DataError(f"{path}:{n} is not valid JSON") from None
                 if "question" not in row or "answer" not in row:
-                    raise ValueError(f"{path}:{n} needs the fields 'question' and 'answer'")
+                    raise DataError(f"{path}:{n} needs the fields 'question' and 'answer'")
                 rows.append(row)
     return rows
 
@@ -296,7 +312,7 @@ def read_jsonl(path):
 def gsm8k(split, path=None):
     """GSM8K `split` ('train' | 'test'): from `path`, ../shared/data/gsm8k, the cache, or GitHub."""
     if split not in ("train", "test"):
-        raise ValueError(f"GSM8K split must be 'train' or 'test', not {split!r}")
+        raise DataError(f"GSM8K split must be 'train' or 'test', not {split!r}")
     if path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GSM8K file {path} does not exist")
@@ -437,7 +453,7 @@ def load_dataset(name, split, path=None):
         return gsm8k(split, path)
     if path:
         return read_jsonl(path)
-    raise ValueError(f"unknown dataset {name!r} (gsm8k, synthetic, or a jsonl path)")
+    raise DataError(f"unknown dataset {name!r} (gsm8k, synthetic, or a .jsonl path)")
 
 
 # -----------------------------------------------------------------------------
@@ -494,6 +510,7 @@ class Packed:
     mask    (L, L)  True = query may attend key (the same layout for every row)
     gt      (N,)    packed indices of the ground-truth tokens
     sup     (M, k)  packed indices of each region's supervised positions: x_p, then its masks
+    length  (B,)    ground-truth tokens of each row in the window, its EOS included
     valid   (B, M)  the region exists in this row (its prefix ends before the row's EOS)
     targets (B, M, k) ground-truth next tokens, EOS past the end (-1 where unknown: truncated)
     past_eos (B, M, k) the target lies past the row's EOS (its target is EOS in every mode)
@@ -503,6 +520,7 @@ class Packed:
     mask: torch.Tensor
     gt: torch.Tensor
     sup: torch.Tensor
+    length: torch.Tensor
     valid: torch.Tensor
     targets: torch.Tensor
     past_eos: torch.Tensor
@@ -542,7 +560,7 @@ def pack_layout(seq_len, k, ends):
 
 
 def pack(seqs, k, offset, n_regions, seq_len, mtp_id, eos_id):
-    """Pack token sequences (each ending in EOS, or longer than seq_len) into the student layout.
+    """Pack token sequences (each ending in EOS, or cut at seq_len) into the student layout.
 
     Rows longer than seq_len are cut; shorter ones are padded with EOS (positions past a row's
     EOS are never supervised). Region r is dropped in a row whose EOS comes at or before p_r, and
@@ -562,13 +580,18 @@ def pack(seqs, k, offset, n_regions, seq_len, mtp_id, eos_id):
     valid = torch.zeros(B, M, dtype=torch.bool)
     ends_t = torch.tensor(ends)
     ahead = ends_t[:, None] + torch.arange(1, k + 1)        # (M, k) ground-truth index of each target
-    for b, s in enumerate(seqs):
-        s = list(s[:seq_len])
-        eos_at = s.index(eos_id) if eos_id in s else None    # None: cut before its end
+    length = torch.zeros(B, dtype=torch.long)
+    for b, full in enumerate(seqs):
+        s = list(full[:seq_len])
+        # a sample's EOS is its LAST token (chat formats also use that token inside the prompt);
+        # a short sample without one ends where its EOS padding starts; a cut one has none
+        eos_at = len(full) - 1 if full[-1] == eos_id else len(full)
+        if eos_at >= seq_len:
+            eos_at = None
         row = torch.tensor(s + [eos_id] * (seq_len - len(s)))
         idx[b, gt_slot] = row
-        n_real = eos_at if eos_at is not None else len(s)
-        valid[b] = ends_t < n_real
+        length[b] = seq_len if eos_at is None else eos_at + 1
+        valid[b] = ends_t < (seq_len if eos_at is None else eos_at)   # x_p comes before the EOS
         if eos_at is not None:
             reach = ends_t + k >= eos_at                     # this region's targets reach the EOS
             first = int(reach.nonzero()[0]) if reach.any() else M
@@ -577,7 +600,7 @@ def pack(seqs, k, offset, n_regions, seq_len, mtp_id, eos_id):
         known = ahead < len(s)
         targets[b][known] = row[ahead[known]]
         targets[b][past_eos[b]] = eos_id
-    return Packed(idx, pos, mask, gt_slot, sup, valid, targets, past_eos)
+    return Packed(idx, pos, mask, gt_slot, sup, length, valid, targets, past_eos)
 
 
 def teacher_input(packed, rollout):

@@ -93,9 +93,9 @@ def check_request(model, prompt_ids, static_k, tau, k_max):
         raise DecodeError(f"tau must be in [0, 1], got {tau}")
     if static_k is not None and static_k < 1:
         raise DecodeError(f"static k must be >= 1, got {static_k}")
+    if k_max is not None and k_max < 1:
+        raise DecodeError(f"k_max must be >= 1, got {k_max}")
     n = static_k if static_k is not None else (k_max or cfg.mtp_k_max or 4)
-    if n < 1:
-        raise DecodeError(f"k_max must be >= 1, got {n}")
     if n > 1 and cfg.mtp_token_id is None:
         raise DecodeError(f"this checkpoint has no <MTP> token, so it predicts one token per pass; "
                           f"k={n} needs a model trained by distill.py (or use static k=1)")
@@ -115,17 +115,21 @@ def generate(model, prompt_ids, max_new_tokens=256, static_k=None, tau=None, k_m
     which tokens_per_s uses).
     """
     n_cand = check_request(model, prompt_ids, static_k, tau, k_max)
+    if max_new_tokens < 1:
+        raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     t_start = time.perf_counter()
     device, mtp = model.device, model.cfg.mtp_token_id
     timer = timer or PassTimer(device)
     cache = KVCache()
     new = torch.tensor(prompt_ids, device=device)          # tokens entering the cache this pass
     out, accepted, confs, cache_lens = [], [], [], []
+    truncated = False
     stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
     while len(out) < max_new_tokens:
         room = model.cfg.max_seq_len - len(cache) - len(new)  # context left for candidates
         n = min(n_cand, room, max_new_tokens - len(out))
-        if n < 1:
+        if n < 1:                                            # the context is full
+            truncated = len(out) < max_new_tokens
             break
         x = torch.cat([new, torch.full((n - 1,), mtp if n > 1 else 0, device=device)])
         with timer:
@@ -157,7 +161,7 @@ def generate(model, prompt_ids, max_new_tokens=256, static_k=None, tau=None, k_m
              "histogram": dict(sorted(Counter(accepted).items())), "confidences": confs,
              "cache_lens": cache_lens, "ms": ms[-len(accepted):] if accepted else [],
              "forward_ms": total, "wall_ms": wall, "tokens_per_s": 1000 * len(out) / wall,
-             "stopped": bool(out) and out[-1] in set(stop_ids)}
+             "stopped": bool(out) and out[-1] in set(stop_ids), "context_full": truncated}
     return out, stats
 
 
@@ -219,7 +223,8 @@ def main(argv=None):
             raise DecodeError("this tokenizer has no chat format: use --format qa or raw")
         ids = {"chat": lambda t: tok.prompt(t), "qa": lambda t: tok.encode(plain_prompt(t)),
                "raw": tok.encode}[fmt](a.prompt) if a.prompt else []
-        rule = {"static_k": a.static_k} if a.static_k is not None else {"tau": 0.9 if a.tau is None else a.tau}
+        rule = {"static_k": a.static_k} if a.static_k is not None \
+            else {"tau": 0.9 if a.tau is None else a.tau}
         kw = dict(max_new_tokens=a.max_new, k_max=a.k_max, stop_ids=tok.stop_ids)
         generate(model, ids, **{**kw, "max_new_tokens": 8}, **rule)            # warm-up, discarded
         out, st = generate(model, ids, **kw, **rule)

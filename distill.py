@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from data import TokenizerError, load_dataset, load_tokenizer, pack, sample_ids, teacher_input
+from data import DataError, TokenizerError, load_dataset, load_tokenizer, pack, sample_ids, teacher_input
 from model import CheckpointError, Config, Transformer, block_mask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -95,6 +95,9 @@ class ConfigError(ValueError):
 
 
 def check_config(cfg):
+    for name in ("steps", "seq_len", "micro_batch", "step_tokens", "log_every", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
     if cfg.pretrain:
         return
     if cfg.k < 2:
@@ -126,18 +129,20 @@ def lr_at(step, cfg):
     return lr
 
 
-def hard_ce(logits, target, weight):
-    """Mean cross-entropy of logits (n, V) against target ids (n,), weighted (n,), by hand."""
+def hard_ce(logits, target, weight, denom=None):
+    """Mean cross-entropy of logits (n, V) against target ids (n,), weighted (n,), by hand.
+    denom: what to divide the weighted sum by (default weight.sum(); the training loop passes
+    the count over the whole optimizer step, so every supervised position weighs the same)."""
     logits = logits.float()
     nll = logits.logsumexp(-1) - logits.gather(-1, target.clamp(min=0)[:, None]).squeeze(-1)
-    return (nll * weight).sum() / weight.sum().clamp(min=1)
+    return (nll * weight).sum() / (weight.sum().clamp(min=1) if denom is None else denom)
 
 
-def soft_kl(logits, teacher_probs, weight):
+def soft_kl(logits, teacher_probs, weight, denom=None):
     """Mean KL(teacher || student) over positions: sum_v t_v (log t_v - log s_v), by hand."""
     logp = logits.float().log_softmax(-1)
     kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * logp).sum(-1)
-    return (kl * weight).sum() / weight.sum().clamp(min=1)
+    return (kl * weight).sum() / (weight.sum().clamp(min=1) if denom is None else denom)
 
 
 def draw_k_offset(rng, cfg):
@@ -150,12 +155,16 @@ def draw_k_offset(rng, cfg):
 # One micro-step of each kind; each returns (loss, stats for logging)
 
 
-def mtp_step(student, teacher, seqs, k, offset, cfg, mtp_id, eos_id, device):
+def supervised_weight(P, cfg):
+    """(B, M, k) 1.0 at every supervised position of a packed batch (known before any forward)."""
+    B, (M, k) = P.idx.size(0), P.sup.shape
+    weight = P.valid[:, :, None].expand(B, M, k).float()
+    return weight * (P.targets >= 0) if cfg.targets == "data" else weight
+
+
+def mtp_step(student, teacher, P, cfg, mtp_id, eos_id, denom):
     """Student forward -> argmax rollout -> teacher forward on it -> loss (METHOD.md, steps 1-4)."""
-    P = pack(seqs, k, offset, n_regions(cfg), cfg.seq_len, mtp_id, eos_id).to(device)
-    if cfg.attention == "flex":             # one block mask: the layout is the same for every row
-        P.mask = block_mask(P.mask)
-    B, (M, _) = P.idx.size(0), P.sup.shape
+    B, (M, k) = P.idx.size(0), P.sup.shape
     sup = P.sup.reshape(1, M * k).expand(B, -1)                       # (B, M*k)
     if cfg.prefix_loss:   # logits everywhere: the ground-truth positions are supervised too
         all_logits = student(P.idx, pos=P.pos, mask=P.mask)           # (B, L, V+1)
@@ -163,13 +172,14 @@ def mtp_step(student, teacher, seqs, k, offset, cfg, mtp_id, eos_id, device):
     else:
         logits = student(P.idx, pos=P.pos, mask=P.mask, out_idx=sup)  # (B, M*k, V+1)
     logits = logits.float().view(B, M, k, -1)
-    # the student's rollout y'_1..y'_k (B, M, k); <MTP> is an input symbol, never an output
-    rollout = logits.detach().index_fill(-1, torch.tensor([mtp_id], device=device), -torch.inf).argmax(-1)
-    weight = P.valid[:, :, None].expand(B, M, k).float()
+    V = logits.size(-1)
+    # <MTP> is an input symbol, never an output: the rollout and confidences leave it out
+    readout = logits.detach().index_fill(-1, torch.tensor([mtp_id], device=P.idx.device), -torch.inf)
+    rollout = readout.argmax(-1)                                      # (B, M, k): y'_1..y'_k
+    weight = supervised_weight(P, cfg)
     if cfg.targets == "data":
         target = P.targets
-        weight = weight * (target >= 0)
-        loss = hard_ce(logits.view(-1, logits.size(-1)), target.view(-1), weight.reshape(-1))
+        loss = hard_ce(logits.view(-1, V), target.view(-1), weight.view(-1), denom)
     else:
         with torch.no_grad():
             t_logits = teacher(teacher_input(P, rollout), pos=P.pos, mask=P.mask, out_idx=sup)
@@ -177,38 +187,43 @@ def mtp_step(student, teacher, seqs, k, offset, cfg, mtp_id, eos_id, device):
         target = t_logits.argmax(-1)
         target[P.past_eos] = eos_id                                  # past a row's EOS: EOS
         if cfg.teacher == "hard":
-            loss = hard_ce(logits.view(-1, logits.size(-1)), target.view(-1), weight.reshape(-1))
+            loss = hard_ce(logits.view(-1, V), target.view(-1), weight.view(-1), denom)
         else:
             t_probs = t_logits.softmax(-1)
-            t_probs[P.past_eos] = F.one_hot(torch.tensor(eos_id, device=device), t_probs.size(-1)).float()
-            V = logits.size(-1)   # the student has one more column (<MTP>): the teacher gives it 0
-            t_probs = F.pad(t_probs, (0, V - t_probs.size(-1)))
-            loss = soft_kl(logits.view(-1, V), t_probs.view(-1, V), weight.reshape(-1))
+            t_probs[P.past_eos] = F.one_hot(torch.tensor(eos_id, device=P.idx.device),
+                                            t_probs.size(-1)).float()
+            t_probs = F.pad(t_probs, (0, V - t_probs.size(-1)))     # the teacher has no <MTP> column
+            loss = soft_kl(logits.view(-1, V), t_probs.view(-1, V), weight.view(-1), denom)
     if cfg.prefix_loss:
-        loss = loss + prefix_ntp_loss(all_logits, P, eos_id)
+        loss = loss + prefix_ntp_loss(all_logits, P)
     with torch.no_grad():
-        conf = logits.softmax(-1).amax(-1)                            # (B, M, k) top-1 confidence
+        conf = readout.softmax(-1).amax(-1)                           # (B, M, k) top-1 confidence
         agree = (rollout == target).float()
     stats = {"conf": (conf * weight).sum((0, 1)), "agree": (agree * weight).sum((0, 1)),
              "count": weight.sum((0, 1)), "tokens": weight.sum()}
     return loss, stats
 
 
-def prefix_ntp_loss(all_logits, P, eos_id):
+def prefix_ntp_loss(all_logits, P):
     """Ablation: NTP cross-entropy at every ground-truth position (next ground-truth token)."""
     x = P.idx[:, P.gt]                                                # (B, N) the ground truth
     logits = all_logits[:, P.gt[:-1]]                                 # (B, N-1, V+1)
-    upto_eos = (x[:, :-1] != eos_id).cumprod(1).float()              # targets up to the EOS
-    return hard_ce(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), upto_eos.reshape(-1))
+    t = torch.arange(1, x.size(1), device=x.device)
+    real = (t[None, :] < P.length[:, None]).float()                   # targets up to the EOS
+    return hard_ce(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), real.reshape(-1))
 
 
-def ntp_step(model, seqs, eos_id, device):
+def ntp_weight(seqs):
+    return sum(len(s) - 1 for s in seqs)
+
+
+def ntp_step(model, seqs, eos_id, device, denom):
     """Plain next-token training on unpacked rows (--pretrain)."""
     T = max(len(s) for s in seqs)
     x = torch.tensor([s + [eos_id] * (T - len(s)) for s in seqs], device=device)
     w = torch.tensor([[1.0] * (len(s) - 1) + [0.0] * (T - len(s)) for s in seqs], device=device)
     logits = model(x[:, :-1])
-    loss = hard_ce(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), w.reshape(-1))
+    loss = hard_ce(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), w.reshape(-1), denom)
     return loss, {"tokens": w.sum()}
 
 
@@ -246,6 +261,15 @@ def save_checkpoint(out, student, tok, opt, state):
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def truncate_log(path, step):
+    """On resume, forget the records of steps after the checkpoint: they are about to be redone."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            keep = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(keep)
 
 
 def latest_checkpoint(out):
@@ -371,6 +395,7 @@ def train(cfg):
         torch.set_rng_state(state["torch_rng"])
         if master:
             print(f"resumed {ck} at step {step}", flush=True)
+            truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
     raw = student
     if cfg.compile:
         student = torch.compile(student)
@@ -402,23 +427,36 @@ def train(cfg):
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        for micro in range(accum):
+        # this step's micro-batches, packed up front so the loss can be the mean over ALL of the
+        # step's supervised positions (every rank's): count them first
+        micro = []
+        for _ in range(accum):
             batch = stream.take(per_fwd)[rank * cfg.micro_batch:(rank + 1) * cfg.micro_batch]
             batch = [seqs[i] for i in batch]
-            k, offset = draw_k_offset(rng, cfg)
-            sync = world == 1 or micro == accum - 1
-            ctx = student.no_sync() if not sync else torch.enable_grad()
+            if not cfg.pretrain:
+                k, offset = draw_k_offset(rng, cfg)
+                batch = pack(batch, k, offset, n_regions(cfg), cfg.seq_len, mtp_id, tok.eos_id).to(device)
+            micro.append(batch)
+        count = torch.tensor(float(sum(ntp_weight(b) if cfg.pretrain else supervised_weight(b, cfg).sum()
+                                       for b in micro)), device=device)
+        if world > 1:
+            dist.all_reduce(count)
+        denom = count.clamp(min=1) / world      # DDP averages the ranks' gradients: undo the 1/world
+        for i, batch in enumerate(micro):
+            ctx = student.no_sync() if world > 1 and i < accum - 1 else torch.enable_grad()
             with ctx, amp:
                 if cfg.pretrain:
-                    loss, st = ntp_step(student, batch, tok.eos_id, device)
+                    loss, st = ntp_step(student, batch, tok.eos_id, device, denom)
                 else:
-                    loss, st = mtp_step(student, teacher, batch, k, offset, cfg, mtp_id, tok.eos_id, device)
-            (loss / accum).backward()
-            acc["loss"] += loss.item() / accum
+                    if cfg.attention == "flex":   # one block mask: the layout is the same for every row
+                        batch.mask = block_mask(batch.mask)
+                    loss, st = mtp_step(student, teacher, batch, cfg, mtp_id, tok.eos_id, denom)
+            loss.backward()
+            acc["loss"] += loss.item()
             acc["tokens"] += float(st["tokens"])
             if "conf" in st:
                 for name in ("conf", "agree", "count"):
-                    acc[name][:k] += st[name].float().cpu()
+                    acc[name][:len(st[name])] += st[name].float().cpu()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         opt.step()
@@ -459,6 +497,7 @@ def train(cfg):
             acc = fresh()
 
         if step % cfg.save_every == 0 or step == cfg.steps:
+            t_save = time.perf_counter()
             same = ranks_identical(raw, world)
             if not same:
                 raise RuntimeError("DDP ranks hold different weights")
@@ -469,6 +508,7 @@ def train(cfg):
                 log.write(json.dumps({"step": step, "saved": os.path.join(cfg.out, "ckpt"),
                                       "ranks_identical": same, "world": world}) + "\n")
                 log.flush()
+            acc["t0"] += time.perf_counter() - t_save     # step times exclude checkpointing
     if master:
         log.close()
         print(f"done: {step} steps in {time.perf_counter() - t_start:.0f} s; student in "
@@ -483,7 +523,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         train(cfg)
-    except (ConfigError, CheckpointError, TokenizerError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, TokenizerError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

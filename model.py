@@ -196,6 +196,7 @@ def rope_inv_freq(cfg):
 def apply_rope(x, cos, sin):
     """HF's rotate-half convention: pairs are (i, i + hs/2). x (B, nh, T, hs), cos/sin (B, 1, T, hs)."""
     x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)   # under autocast q/k are bf16: stay there
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
@@ -324,7 +325,7 @@ class Transformer(nn.Module):
             pos = torch.arange(past, past + T, device=idx.device)
         if pos.dim() == 1:
             pos = pos.unsqueeze(0).expand(B, T)
-        if pos.max() >= self.cfg.max_seq_len and self.pos_embed is not None:
+        if self.pos_embed is not None and pos.max() >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(pos.max())} is beyond the model's context "
                              f"({self.cfg.max_seq_len})")
         causal = mask is None and past == 0            # the plain causal LM: SDPA's own mask
@@ -338,7 +339,10 @@ class Transformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(pos)
         else:
-            freqs = pos.unsqueeze(-1).float() * self.inv_freq     # (B, T, hs/2)
+            inv_freq = self.inv_freq   # kept in fp32: a bf16 copy would blur far positions
+            if inv_freq.dtype != torch.float32:
+                inv_freq = rope_inv_freq(self.cfg).to(idx.device)
+            freqs = pos.unsqueeze(-1).float() * inv_freq          # (B, T, hs/2)
             emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, hs)
             rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
         for i, block in enumerate(self.blocks):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import SHARED, tiny_model
-from data import (TokenizerError, Tokenizer, extract_flexible, extract_strict, gold_answer,
+from data import (DataError, TokenizerError, Tokenizer, extract_flexible, extract_strict, gold_answer,
                   gpt2_tokenizer, gsm8k, llama3_tokenizer, load_tokenizer, pack, read_jsonl,
                   synthetic_problems, synthetic_tokenizer, teacher_input, train_bpe)
 
@@ -138,13 +138,13 @@ def test_synthetic_generator():
 def test_gsm8k_local_and_errors(tmp_path):
     rows = gsm8k("test")
     assert len(rows) == 1319 and gold_answer(rows[0]["answer"]) == "18"
-    with pytest.raises(ValueError, match="split must be"):
+    with pytest.raises(DataError, match="split must be"):
         gsm8k("validation")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         gsm8k("train", str(tmp_path / "x.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
-    with pytest.raises(ValueError, match="needs the fields 'question' and 'answer'"):
+    with pytest.raises(DataError, match="needs the fields 'question' and 'answer'"):
         gsm8k("train", str(bad))
 
 
@@ -211,3 +211,27 @@ def test_pack_targets_validity_and_eos_rules():
     assert P.pos[P.sup[1]].tolist() == [17, 18, 19, 20]
     with pytest.raises(ValueError, match="too short"):
         pack([seq], k=8, offset=0, n_regions=8, seq_len=40, mtp_id=mtp, eos_id=eos)
+
+
+def test_pack_uses_the_last_eos_when_the_prompt_contains_it_too():
+    """Chat formats close the user turn with the same token that ends the answer."""
+    eos, mtp = 1, 99
+    seq = [5, 6, 7, eos, 8, 9] + list(range(10, 30)) + [eos]     # EOS in the prompt, then at 26
+    P = pack([seq], k=3, offset=2, n_regions=4, seq_len=40, mtp_id=mtp, eos_id=eos)
+    assert P.valid[0].tolist() == [True, True, True, False]          # ends 2, 12, 22 (32 > 26)
+    assert P.length.tolist() == [27]
+    assert P.targets[0, 0].tolist() == [eos, 8, 9]
+
+
+def test_pre_tokenizer_patterns_from_tokenizer_json():
+    from data import DIGITS_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, pre_tokenizer_pattern
+    split = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated"},
+        {"type": "ByteLevel", "use_regex": False}]}
+    assert pre_tokenizer_pattern(split, "t.json") == LLAMA3_PATTERN       # Llama-3 / Qwen2
+    digits = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}
+    assert pre_tokenizer_pattern(digits, "t.json") == DIGITS_PATTERN      # SmolLM2
+    assert pre_tokenizer_pattern({"type": "ByteLevel"}, "t.json") == GPT2_PATTERN
+    with pytest.raises(TokenizerError, match="no regex"):
+        pre_tokenizer_pattern({"type": "Whitespace"}, "t.json")
