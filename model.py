@@ -443,6 +443,7 @@ class Transformer(nn.Module):
                 tensors[n] = (p.t() if transpose else p).contiguous().cpu()
         tmp = os.path.join(out_dir, "model.safetensors.tmp")
         save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)          # safetensors creates it owner-only; a checkpoint is shared
         os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
         cfg = self.cfg.to_hf()
         cfg["torch_dtype"] = str(self.embed.weight.dtype).removeprefix("torch.")
