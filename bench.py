@@ -186,7 +186,9 @@ def main(argv=None):
     p.add_argument("--k-max", type=int, help="ConfAdapt candidates per pass (default: checkpoint's)")
     p.add_argument("--format", choices=["auto", "qa", "chat", "fewshot"], default="auto",
                    help="auto: qa for synthetic, fewshot (8-shot CoT) for gsm8k")
-    p.add_argument("--max-new", type=int, default=256)
+    p.add_argument("--max-new", type=int, default=None,
+                   help="most new tokens per problem (default: 256, or what the context leaves "
+                        "after the longest prompt if that is less)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="output prefix (default: bench_<data> in the ckpt's parent)")
     a = p.parse_args(argv)
@@ -194,7 +196,7 @@ def main(argv=None):
         model = Transformer.from_pretrained(a.ckpt, device=a.device).eval()
         tok = load_tokenizer(a.ckpt)
         path = a.data if a.data.endswith(".jsonl") else None
-        if a.limit < 1 or a.max_new < 1:
+        if a.limit < 1 or (a.max_new is not None and a.max_new < 1):
             raise DecodeError("--limit and --max-new must be >= 1")
         problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path)[:a.limit]
         a.format = a.format if a.format != "auto" else ("fewshot" if a.data == "gsm8k" else "qa")
@@ -209,6 +211,9 @@ def main(argv=None):
         for name, m, rule in strategies:        # bad settings fail now, not after an hour
             check_request(m, [0], rule.get("static_k"), rule.get("tau"), rule.get("k_max"))
         longest = max(len(prompter(row["question"])) for row in problems)
+        context = min(m.cfg.max_seq_len for _, m, _ in strategies)
+        if a.max_new is None:
+            a.max_new = max(1, min(256, context - longest))
         for m in {id(m): m for _, m, _ in strategies}.values():
             if longest + a.max_new > m.cfg.max_seq_len:
                 raise DecodeError(f"the longest prompt ({longest} tokens) + --max-new {a.max_new} "
@@ -226,14 +231,22 @@ def main(argv=None):
     total = len(strategies) * len(problems)
     t0 = time.perf_counter()
     results = []
+    tty, last_line = sys.stderr.isatty(), [t0]
     for s, (name, m, rule) in enumerate(strategies):
         def progress(i, s=s, name=name):
-            done = s * len(problems) + i
-            eta = (time.perf_counter() - t0) / done * (total - done)
-            print(f"\r{name:<22} {i}/{len(problems)} | overall {done}/{total} | "
-                  f"ETA {int(eta // 60)}:{int(eta % 60):02d}   ", end="", file=sys.stderr, flush=True)
+            # a terminal gets one line rewritten in place; a log file a line every 30 s
+            now, done = time.perf_counter(), s * len(problems) + i
+            if not tty and i < len(problems) and now - last_line[0] < 30:
+                return
+            last_line[0] = now
+            eta = (now - t0) / done * (total - done)
+            line = (f"{name:<22} {i}/{len(problems)} | overall {done}/{total} | "
+                    f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
+            print("\r" + line + "   " if tty else line, end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
         results.append(run_strategy(name, m, tok, problems, prompter, rule, a, teacher, progress))
-    print(file=sys.stderr)
+    if tty:
+        print(file=sys.stderr)
     k1 = next((r for r in results if r["strategy"] == "static k=1"), None)
     for r in results:
         r["speedup"] = r["tokens_per_s"] / k1["tokens_per_s"] if k1 else float("nan")
