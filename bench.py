@@ -4,6 +4,7 @@ Accuracy vs acceleration vs wall clock for every decoding strategy (the paper's 
     python bench.py --ckpt runs/mtp-synth/ckpt --data synthetic --baseline checkpoints/synth-teacher
     python bench.py --ckpt runs/smol/ckpt --data gsm8k --limit 200 --teacher checkpoints/smollm2-135m-instruct
     python bench.py --ckpt DIR --device cuda --static 1,2,3 --taus 0.9,0.8
+    python bench.py --ckpt DIR --device cuda --batch 16      # 16 problems per forward pass
 
 For each strategy (the step-0 checkpoint at k=1 if --baseline is given, static k, ConfAdapt tau):
 accuracy (flexible and strict extraction, each with its standard error), effective k (tokens
@@ -11,6 +12,8 @@ per forward pass, mean +- std over generations), the time of one forward pass (C
 the GPU), tokens/s of the whole decoding loop and its wall-clock speedup over static k=1 of the
 same checkpoint in the same process, and the mean per-token NLL of the outputs under
 a teacher checkpoint (the paper's validation metric; useful where accuracy is near zero).
+With --batch N every strategy, static k=1 included, decodes N problems per forward pass
+(decode.generate_batch): tokens/s and ms/pass are then those of the batch.
 Writes OUT.md (table), OUT.json, and OUT.png (Pareto plot) when matplotlib is installed.
 """
 import argparse
@@ -26,7 +29,7 @@ import torch
 
 from data import (TokenizerError, extract_flexible, extract_strict, gold_answer, gsm8k,
                   load_dataset, load_tokenizer, plain_prompt, same_number)
-from decode import DecodeError, PassTimer, check_request, generate
+from decode import DecodeError, PassTimer, check_request, generate_batch
 from model import CheckpointError, Transformer
 
 # -----------------------------------------------------------------------------
@@ -99,26 +102,28 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
     stop_fn = None
     if args.format == "fewshot":
         stop_fn = lambda ids: "Q:" in tok.decode(ids[-8:])
-    for i, row in enumerate(problems):
-        ids = prompter(row["question"])
-        out, st = generate(model, ids, max_new_tokens=args.max_new, stop_ids=tok.stop_ids,
-                           stop_fn=stop_fn, timer=timer, **rule)
-        text = cut_answer(tok.decode(out))
-        gold = gold_answer(row["answer"])
-        flex.append(float(same_number(extract_flexible(text), gold)))
-        strict.append(float(same_number(extract_strict(text), gold)))
-        eff_k.append(st["effective_k"])
+    for start in range(0, len(problems), args.batch):
+        batch = problems[start:start + args.batch]
+        prompts = [prompter(row["question"]) for row in batch]
+        outs, st = generate_batch(model, prompts, max_new_tokens=args.max_new,
+                                  stop_ids=tok.stop_ids, stop_fn=stop_fn, timer=timer, **rule)
         tokens += st["tokens"]
         wall_ms += st["wall_ms"]
         step_ms += sum(st["ms"][1:])           # decoding passes; the first one is the prefill
         steps += len(st["ms"]) - 1
-        if teacher is not None:
-            kept = tok.encode(text) if text != tok.decode(out) else out
-            s, n = teacher_nll(teacher, ids, kept)
-            nll, n_tok = nll + s, n_tok + n
-        if i < 3:
-            samples.append(text)
-        progress(i + 1)
+        for i, (row, ids, out, rs) in enumerate(zip(batch, prompts, outs, st["rows"]), start):
+            text = cut_answer(tok.decode(out))
+            gold = gold_answer(row["answer"])
+            flex.append(float(same_number(extract_flexible(text), gold)))
+            strict.append(float(same_number(extract_strict(text), gold)))
+            eff_k.append(rs["effective_k"])
+            if teacher is not None:
+                kept = tok.encode(text) if text != tok.decode(out) else out
+                s, n = teacher_nll(teacher, ids, kept)
+                nll, n_tok = nll + s, n_tok + n
+            if i < 3:
+                samples.append(text)
+            progress(i + 1)
     wall_s = wall_ms / 1000
     acc, acc_se = mean_se(flex)
     sacc, sacc_se = mean_se(strict)
@@ -189,6 +194,8 @@ def main(argv=None):
     p.add_argument("--max-new", type=int, default=None,
                    help="most new tokens per problem (default: 256, or what the context leaves "
                         "after the longest prompt if that is less)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="problems decoded together, one forward pass per step for all of them")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="output prefix (default: bench_<data> in the ckpt's parent)")
     a = p.parse_args(argv)
@@ -196,8 +203,8 @@ def main(argv=None):
         model = Transformer.from_pretrained(a.ckpt, device=a.device).eval()
         tok = load_tokenizer(a.ckpt)
         path = a.data if a.data.endswith(".jsonl") else None
-        if a.limit < 1 or (a.max_new is not None and a.max_new < 1):
-            raise DecodeError("--limit and --max-new must be >= 1")
+        if a.limit < 1 or a.batch < 1 or (a.max_new is not None and a.max_new < 1):
+            raise DecodeError("--limit, --batch and --max-new must be >= 1")
         problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path)[:a.limit]
         a.format = a.format if a.format != "auto" else ("fewshot" if a.data == "gsm8k" else "qa")
         prompter = make_prompter(a.format, tok)
@@ -227,7 +234,8 @@ def main(argv=None):
         sys.exit(2)
 
     # warm-up, discarded: the first passes pay for allocation and kernel selection
-    generate(model, prompter(problems[0]["question"]), max_new_tokens=16, static_k=1)
+    generate_batch(model, [prompter(row["question"]) for row in problems[:a.batch]],
+                   max_new_tokens=16, static_k=1)
     total = len(strategies) * len(problems)
     t0 = time.perf_counter()
     results = []
@@ -254,7 +262,7 @@ def main(argv=None):
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else \
         f"CPU ({torch.get_num_threads()} threads)"
     header = (f"{a.data}, {len(problems)} problems, format {a.format}, checkpoint {a.ckpt}, "
-              f"device {device}, batch 1, greedy")
+              f"device {device}, batch {a.batch}, greedy")
     md = table(results, header)
     print(md)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), f"bench_{os.path.basename(a.data)}")
@@ -266,7 +274,7 @@ def main(argv=None):
     pareto_plot(results, out + ".png")
     best = max((r for r in results if r["strategy"].startswith("ConfAdapt")),
                key=lambda r: r["eff_k"], default=None)
-    print(json.dumps({"bench": a.data, "n": len(problems), "device": device,
+    print(json.dumps({"bench": a.data, "n": len(problems), "device": device, "batch": a.batch,
                       "results": {r["strategy"]: [round(r["acc"], 4), round(r["eff_k"], 3),
                                                   round(r["speedup"], 3)] for r in results},
                       "max_confadapt_eff_k": best and round(best["eff_k"], 3)}))

@@ -8,7 +8,8 @@ Multi-token decoding from an MTP checkpoint with a KV cache (METHOD.md, "Inferen
 Each step feeds the newly accepted tokens plus k_max-1 <MTP> tokens, reads k_max candidates from
 one forward pass, accepts a leading run of them (static k, or ConfAdapt: all top-1 probabilities
 above tau), and pops the <MTP> entries from the cache; accepted tokens enter the cache as inputs of
-the next step, so after every step the cache holds real tokens only.
+the next step, so after every step the cache holds real tokens only. generate_batch decodes
+several prompts in one forward per step; the cache then also holds padding that no one attends to.
 """
 import argparse
 import html
@@ -76,7 +77,7 @@ class PassTimer:
 
 
 # -----------------------------------------------------------------------------
-# Generation: prefill and every later step are the same call, `step`
+# Generation: prefill and every later step are the same forward, for a batch of prompts
 
 
 def check_request(model, prompt_ids, static_k, tau, k_max):
@@ -102,67 +103,144 @@ def check_request(model, prompt_ids, static_k, tau, k_max):
     return n
 
 
+def step_layout(new, n_real, n_row, mtp):
+    """The input of one batched pass: each row's new tokens right-padded to the widest row, then
+    n-1 <MTP> slots (a row that reads n_b < n candidates pads the rest).
+
+    new: B token tensors (empty for a finished row); n_real: real tokens each row has cached;
+    n_row: candidates each row reads (0 if finished). Returns idx and pos (B, T), is_new (B, W)
+    (the slots that stay in the cache as real tokens), real (B, T) (the slots that are not
+    padding) and out_idx (B, n): where each row's candidates are read, its last new token and
+    then its masks.
+    """
+    B, device = len(new), new[0].device
+    W, n = max(len(x) for x in new), max(n_row)
+    lens = torch.tensor([len(x) for x in new], device=device)[:, None]       # (B, 1)
+    start = torch.tensor(n_real, device=device)[:, None]
+    col = torch.arange(W + n - 1, device=device)[None]                         # (1, T)
+    is_new = col < lens
+    is_mask = (col >= W) & (col < W + torch.tensor(n_row, device=device)[:, None] - 1)
+    # each row's positions continue its own real tokens; its masks follow its last new token
+    pos = torch.where(is_new, start + col, torch.where(is_mask, start + lens + col - W, 0))
+    idx = torch.cat([torch.nn.utils.rnn.pad_sequence(new, batch_first=True),   # pad id 0
+                     torch.full((B, n - 1), mtp if n > 1 else 0, device=device)], 1)
+    out_idx = torch.cat([(lens - 1).clamp(min=0), col[:, W:].expand(B, -1)], 1)
+    return idx, pos, is_new[:, :W], is_new | is_mask, out_idx
+
+
+def step_mask(cached, real):
+    """(B, T, S) attention mask: a real slot sees its row's real cached slots and, causally, its
+    row's real slots of this pass; padding is seen by no one and sees only itself (a query with
+    no key at all would give NaN). cached: (B, L) real-slot flags of the cache, real: (B, T)."""
+    T = real.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=real.device)
+    old = cached[:, None, :] & real[:, :, None]                               # (B, T, L)
+    fresh = causal & real[:, :, None] & real[:, None, :] | eye                # (B, T, T)
+    return torch.cat([old, fresh], -1)
+
+
 @torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens=256, static_k=None, tau=None, k_max=None,
-             stop_ids=(), stop_fn=None, timer=None):
-    """Greedy multi-token generation from one prompt.
+def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, k_max=None,
+                   stop_ids=(), stop_fn=None, timer=None):
+    """Greedy multi-token generation from several prompts at once: one forward per step for all
+    of them, each row accepting its own number of tokens.
 
     static_k: accept exactly k tokens per pass; tau: ConfAdapt(tau) over k_max candidates
-    (k_max from the checkpoint's config, `mtp_k_max`, unless given). stop_fn(ids) -> bool ends
-    generation after a pass (e.g. a stop string in the text). Returns (new token ids,
-    stats): passes, tokens, effective_k, per-pass accepted counts and top-1 confidences, the
-    time of each forward (ms), their sum (forward_ms), and the whole call's wall time (wall_ms,
-    which tokens_per_s uses).
+    (k_max from the checkpoint's config, `mtp_k_max`, unless given). stop_fn(ids) -> bool ends a
+    row after a pass (e.g. a stop string in the text). Returns (new token ids per prompt,
+    stats): passes (forwards of the batch), tokens (all rows), the time of each forward (ms),
+    their sum (forward_ms), the whole call's wall time (wall_ms, which tokens_per_s uses), and
+    rows: per prompt its passes, tokens, effective_k, per-pass accepted counts and top-1
+    confidences, its real cached tokens before each pass's accepted ones (cache_lens), stopped
+    and context_full.
+
+    All rows share one KVCache. A row's shorter input leaves padding slots in it, which the mask
+    hides from everyone: every non-pad slot of a row is a real token of that row. A finished row
+    stays in the batch as padding (dropping it would mean slicing every layer's cache).
     """
-    n_cand = check_request(model, prompt_ids, static_k, tau, k_max)
+    if not prompts:
+        raise DecodeError("no prompts: give at least one")
+    n_cand = max(check_request(model, p, static_k, tau, k_max) for p in prompts)  # all the same
     if max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     t_start = time.perf_counter()
-    device, mtp = model.device, model.cfg.mtp_token_id
+    device, mtp, B = model.device, model.cfg.mtp_token_id, len(prompts)
     timer = timer or PassTimer(device)
     cache = KVCache()
-    new = torch.tensor(prompt_ids, device=device)          # tokens entering the cache this pass
-    out, accepted, confs, cache_lens = [], [], [], []
-    truncated = False
-    stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
-    while len(out) < max_new_tokens:
-        room = model.cfg.max_seq_len - len(cache) - len(new)  # context left for candidates
-        n = min(n_cand, room, max_new_tokens - len(out))
-        if n < 1:                                            # the context is full
-            truncated = len(out) < max_new_tokens
+    cached = torch.zeros(B, 0, dtype=torch.bool, device=device)  # (B, L): slot is a real token
+    new = [torch.tensor(p, device=device) for p in prompts]  # tokens entering the cache; empty: done
+    n_real = [0] * B                                         # real tokens each row has cached
+    outs = [[] for _ in range(B)]
+    rows = [{"accepted": [], "confidences": [], "cache_lens": [], "context_full": False}
+            for _ in range(B)]
+    stops, passes = set(stop_ids), 0
+    while True:
+        n_row = []                                 # candidates each row reads; 0: finished
+        for b in range(B):
+            room = model.cfg.max_seq_len - n_real[b] - len(new[b])  # context left for candidates
+            n_b = min(n_cand, room, max_new_tokens - len(outs[b]))
+            if len(new[b]) and n_b < 1:                              # the context is full
+                rows[b]["context_full"], new[b] = True, new[b][:0]
+            n_row.append(n_b if len(new[b]) else 0)
+        if not any(n_row):
             break
-        x = torch.cat([new, torch.full((n - 1,), mtp if n > 1 else 0, device=device)])
+        idx, pos, is_new, real, out_idx = step_layout(new, n_real, n_row, mtp)
+        padded = not (real.all() and cached.all())
+        # no padding (always so for one prompt): the model's own causal mask and positions
+        mask, pos = (step_mask(cached, real), pos) if padded else (None, None)
         with timer:
-            logits = model(x[None], cache=cache)[0, len(new) - 1:]   # (n, V): the n candidates
+            logits = model(idx, pos=pos, mask=mask, cache=cache, out_idx=out_idx)  # (B, n, V)
+        passes += 1
+        cache.truncate(cached.size(1) + is_new.size(1))             # pop the <MTP> slots
+        cached = torch.cat([cached, is_new], 1)
         if mtp is not None:
-            logits[:, mtp] = -torch.inf                             # <MTP> is never an output
-        probs = logits.float().softmax(-1)
-        conf, cand = probs.max(-1)                                   # (n,), (n,)
-        # the acceptance rule, applied
-        take = int(accept_static(conf, static_k) if static_k is not None
-                   else accept_confadapt(conf, tau))
-        cache.truncate(len(cache) - (n - 1))                         # pop the <MTP> entries
-        chunk = cand[:take]
-        hit = torch.isin(chunk, stops).nonzero()
-        if len(hit):                                                 # a stop token: trim after it
-            chunk = chunk[:int(hit[0]) + 1]
-        out += chunk.tolist()
-        accepted.append(len(chunk))
-        confs.append([round(c, 4) for c in conf.tolist()])
-        cache_lens.append(len(cache))
-        new = chunk
-        if len(hit) or (stop_fn is not None and stop_fn(out)):
-            break
-    ms = timer.times()                                # synchronizes on CUDA
+            logits[..., mtp] = -torch.inf                            # <MTP> is never an output
+        conf, cand = logits.float().softmax(-1).max(-1)              # (B, n), (B, n)
+        # the acceptance rule, applied to each row's own n_b candidates
+        take = (accept_static(conf, static_k) if static_k is not None
+                else accept_confadapt(conf, tau))
+        take = take.clamp(max=torch.tensor(n_row, device=device)).tolist()
+        conf_l, cand_l = conf.tolist(), cand.tolist()
+        for b in range(B):
+            if not n_row[b]:
+                continue
+            n_real[b] += len(new[b])
+            chunk = cand_l[b][:take[b]]
+            hit = next((i for i, t in enumerate(chunk) if t in stops), None)
+            if hit is not None:                                      # a stop token: trim after it
+                chunk = chunk[:hit + 1]
+            outs[b] += chunk
+            rows[b]["accepted"].append(len(chunk))
+            rows[b]["confidences"].append([round(c, 4) for c in conf_l[b][:n_row[b]]])
+            rows[b]["cache_lens"].append(n_real[b])
+            done = (hit is not None or len(outs[b]) >= max_new_tokens
+                    or (stop_fn is not None and stop_fn(outs[b])))
+            new[b] = cand[b, :0 if done else len(chunk)]
+    ms = timer.times()[-passes:]   # synchronizes on CUDA; passes >= 1: every prompt has room
     wall = 1000 * (time.perf_counter() - t_start)      # everything: forwards, softmax, accept
-    total = sum(ms[-len(accepted):]) if accepted else 0.0
-    stats = {"passes": len(accepted), "tokens": len(out),
-             "effective_k": len(out) / max(1, len(accepted)), "accepted": accepted,
-             "histogram": dict(sorted(Counter(accepted).items())), "confidences": confs,
-             "cache_lens": cache_lens, "ms": ms[-len(accepted):] if accepted else [],
-             "forward_ms": total, "wall_ms": wall, "tokens_per_s": 1000 * len(out) / wall,
-             "stopped": bool(out) and out[-1] in set(stop_ids), "context_full": truncated}
-    return out, stats
+    for out, r in zip(outs, rows):
+        r.update(passes=len(r["accepted"]), tokens=len(out),
+                 effective_k=len(out) / max(1, len(r["accepted"])),
+                 histogram=dict(sorted(Counter(r["accepted"]).items())),
+                 stopped=bool(out) and out[-1] in stops)
+    tokens = sum(len(out) for out in outs)
+    stats = {"passes": passes, "tokens": tokens, "ms": ms, "forward_ms": sum(ms), "wall_ms": wall,
+             "tokens_per_s": 1000 * tokens / wall, "rows": rows}
+    return outs, stats
+
+
+def generate(model, prompt_ids, max_new_tokens=256, static_k=None, tau=None, k_max=None,
+             stop_ids=(), stop_fn=None, timer=None):
+    """Greedy multi-token generation from one prompt: generate_batch with a batch of one.
+
+    Returns (new token ids, stats): the batch's timing stats (passes, ms, forward_ms, wall_ms,
+    tokens_per_s) and the row's (tokens, effective_k, accepted, histogram, confidences,
+    cache_lens, stopped, context_full) in one dict.
+    """
+    outs, st = generate_batch(model, [prompt_ids], max_new_tokens, static_k, tau, k_max,
+                              stop_ids, stop_fn, timer)
+    return outs[0], {**st.pop("rows")[0], **st}
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """bench.py end to end on a tiny checkpoint: every strategy gets a row, the numbers add up."""
 import json
 
+import pytest
 import torch
 
 from bench import fewshot_prefix, mean_se, main
@@ -21,19 +22,25 @@ def test_fewshot_prompt_uses_train_exemplars_only():
     assert "<<" not in prefix and "The answer is 72." in prefix      # GSM8K train row 1
 
 
+def tiny_bench(tmp_path, out, *extra):
+    """bench.py on a tiny random MTP checkpoint (also its own baseline and teacher); its results."""
+    ckpt = tmp_path / "ckpt"
+    if not ckpt.exists():
+        torch.manual_seed(0)
+        tok = synthetic_tokenizer()
+        m = Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256))
+        m.add_mtp_token()
+        m.cfg.mtp_k_max = 3
+        m.save_pretrained(ckpt)
+        tok.save(ckpt)
+    main(["--ckpt", str(ckpt), "--baseline", str(ckpt), "--teacher", str(ckpt), "--limit", "3",
+          "--static", "1,2", "--taus", "0.9,0.0", "--max-new", "12", "--out", str(out), *extra])
+    return json.load(open(f"{out}.json"))
+
+
 def test_bench_runs_every_strategy(tmp_path, capsys):
-    torch.manual_seed(0)
-    tok = synthetic_tokenizer()
-    m = Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256))
-    m.add_mtp_token()
-    m.cfg.mtp_k_max = 3
-    m.save_pretrained(tmp_path / "ckpt")
-    tok.save(tmp_path / "ckpt")
     out = tmp_path / "res"
-    main(["--ckpt", str(tmp_path / "ckpt"), "--baseline", str(tmp_path / "ckpt"), "--teacher",
-          str(tmp_path / "ckpt"), "--limit", "3", "--static", "1,2", "--taus", "0.9,0.0",
-          "--max-new", "12", "--out", str(out)])
-    res = json.load(open(f"{out}.json"))["results"]
+    res = tiny_bench(tmp_path, out)["results"]
     names = [r["strategy"] for r in res]
     assert names == ["baseline k=1 (step 0)", "static k=1", "static k=2", "ConfAdapt tau=0.9",
                      "ConfAdapt tau=0.0"]
@@ -45,3 +52,14 @@ def test_bench_runs_every_strategy(tmp_path, capsys):
     assert table.count("\n| ") == 7          # header, rule, 5 strategies
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last)["n"] == 3        # one machine-readable line last
+
+
+def test_bench_batch_decodes_the_same(tmp_path):
+    """--batch 2 (batches of 2 and 1 here) changes the throughput, not what is decoded."""
+    one = tiny_bench(tmp_path, tmp_path / "b1")
+    two = tiny_bench(tmp_path, tmp_path / "b2", "--batch", "2")
+    assert "batch 2" in two["header"] and "batch 1" in one["header"]
+    for r1, r2 in zip(one["results"], two["results"], strict=True):
+        for key in ("strategy", "acc", "strict", "eff_k", "eff_k_std", "tokens", "samples"):
+            assert r1[key] == r2[key], key
+        assert r1["teacher_nll"] == pytest.approx(r2["teacher_nll"], rel=1e-5)

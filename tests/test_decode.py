@@ -1,9 +1,10 @@
-"""decode.py: acceptance rules, cache bookkeeping, and equivalence with plain greedy decoding."""
+"""decode.py: acceptance rules, cache bookkeeping, equivalence with plain greedy decoding, and
+batched decoding against one prompt at a time."""
 import pytest
 import torch
 
 from conftest import tiny_model
-from decode import DecodeError, accept_confadapt, accept_static, generate, main
+from decode import DecodeError, accept_confadapt, accept_static, generate, generate_batch, main
 
 
 
@@ -93,6 +94,59 @@ def test_static_k_tokens_come_from_one_pass():
     assert out[:2] == first and st["accepted"] == [2, 2, 2]
 
 
+# prompts of different lengths, so the batch pads them (and later each row's accepted chunk)
+PROMPTS = [[59, 15, 1], [58, 30, 41, 27, 18, 40, 33],
+           [53, 18, 5, 40, 45, 51, 43, 10, 54, 17, 38, 45]]
+
+
+def assert_rows_match_single(m, prompts, outs, st, **kw):
+    """Each row of a batch is what generate gives for its prompt alone: tokens and per-row stats
+    exactly, top-1 confidences up to their 4-digit rounding."""
+    for p, out, row in zip(prompts, outs, st["rows"]):
+        ref, one = generate(m, p, **kw)
+        assert out == ref
+        assert {k: v for k, v in row.items() if k != "confidences"} == \
+            {k: one[k] for k in row if k != "confidences"}
+        for c, d in zip(row["confidences"], one["confidences"]):
+            assert c == pytest.approx(d, abs=2e-4)
+    assert st["passes"] == max(r["passes"] for r in st["rows"])
+    assert st["tokens"] == sum(len(o) for o in outs) and len(st["ms"]) == st["passes"]
+
+
+# mid_tau sits among this random model's confidences (~0.02), so rows accept different counts;
+# no confidence of these runs is within 3e-6 of it, far above the batch-vs-single float noise
+@pytest.mark.parametrize("model_type,mid_tau", [("llama", 0.0212), ("gpt2", 0.022)])
+def test_batch_equals_one_prompt_at_a_time(model_type, mid_tau):
+    m = mtp_model(model_type=model_type)
+    for rule in ({"static_k": 1}, {"static_k": 3}, {"tau": 0.9}, {"tau": 0.0}, {"tau": mid_tau}):
+        outs, st = generate_batch(m, PROMPTS, max_new_tokens=24, **rule)
+        assert_rows_match_single(m, PROMPTS, outs, st, max_new_tokens=24, **rule)
+    per_pass = zip(*(r["accepted"] for r in st["rows"]))
+    assert any(len(set(counts)) > 1 for counts in per_pass)    # rows really diverged
+
+
+def test_batch_stop_tokens_per_row():
+    m = mtp_model(model_type="gpt2")
+    free, _ = generate_batch(m, PROMPTS, max_new_tokens=24, tau=0.0)
+    stop = free[0][6]                        # row 0 emits it inside its 2nd pass's chunk of 4
+    outs, st = generate_batch(m, PROMPTS, max_new_tokens=24, tau=0.0, stop_ids=[stop])
+    assert outs[0] == free[0][:free[0].index(stop) + 1] and st["rows"][0]["stopped"]
+    assert any(len(o) == 24 and not r["stopped"] for o, r in zip(outs, st["rows"]))
+    assert_rows_match_single(m, PROMPTS, outs, st, max_new_tokens=24, tau=0.0, stop_ids=[stop])
+
+
+def test_batch_context_full_per_row():
+    """A row near the end of the context stops there; the others go on (gpt2: learned positions,
+    which fail loudly past the context)."""
+    m = mtp_model(model_type="gpt2")
+    prompts = [[1, 2, 3], list(range(60)) * 2 + [7]]    # 121 tokens of a 128-token context
+    outs, st = generate_batch(m, prompts, max_new_tokens=20, tau=0.0)
+    # row 1 reads 4 candidates, then only the 3 the context has room for while row 0 reads 4
+    assert st["rows"][1]["accepted"] == [4, 3] and st["rows"][1]["context_full"]
+    assert st["rows"][0]["accepted"] == [4] * 5 and not st["rows"][0]["context_full"]
+    assert_rows_match_single(m, prompts, outs, st, max_new_tokens=20, tau=0.0)
+
+
 def test_bad_input_messages():
     m = mtp_model()
     with pytest.raises(DecodeError, match="prompt is empty"):
@@ -105,6 +159,10 @@ def test_bad_input_messages():
         generate(m, [1], static_k=0)
     with pytest.raises(DecodeError, match="no <MTP> token"):
         generate(tiny_model(), [1], static_k=3)
+    with pytest.raises(DecodeError, match="no prompts"):
+        generate_batch(m, [], tau=0.9)
+    with pytest.raises(DecodeError, match="prompt is empty"):
+        generate_batch(m, [[1, 2], []], tau=0.9)
 
 
 def test_cli_errors_are_messages(tmp_path, capsys):
