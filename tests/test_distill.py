@@ -35,11 +35,13 @@ def test_soft_kl_equals_naive_loop():
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(lr=1e-3, warmup=10, steps=100)
+    cfg = TrainConfig(lr=1e-3, warmup=10, steps=100, cooldown=0)
     assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
     assert lr_at(99, cfg) == pytest.approx(1e-3)                     # constant after warm-up
     cfg.cooldown = 50
-    assert lr_at(75, cfg) == pytest.approx(0.5e-3)
+    assert lr_at(49, cfg) == pytest.approx(1e-3) and lr_at(75, cfg) == pytest.approx(0.5e-3)
+    cfg.cooldown = 400                                               # longer than the run
+    assert lr_at(20, cfg) == pytest.approx(1e-3 * 80 / 400)
 
 
 @pytest.fixture(scope="module")
