@@ -30,3 +30,13 @@ def tiny_model(seed=0, **kw):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def assert_exits(main, args, message, capsys):
+    """main(args) stops with exit code 2 and a message on stderr containing `message`, no traceback."""
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err

@@ -7,7 +7,7 @@ import torch
 
 from bench_train import (load_samples, main, make_batches, mtp_train_step, ntp_inputs, parse_args,
                          peak_tflops)
-from conftest import tiny_config
+from conftest import assert_exits, tiny_config
 from data import load_tokenizer, synthetic_problems, synthetic_tokenizer
 from distill import Stream, load_models, lr_at, supervised_weight, train
 from distill import parse_args as distill_args
@@ -88,11 +88,7 @@ def test_mtp_step_is_distills_first_step(tiny, tmp_path):
 
 def test_bad_input_messages(tiny, tmp_path, capsys):
     def fails(args, message):
-        with pytest.raises(SystemExit) as e:
-            main(args)
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err, err
+        assert_exits(main, args, message, capsys)
 
     fails(bench_args((str(tmp_path / "nowhere"), tiny[1])), "neither a checkpoint directory")
     fails(bench_args(tiny, "--batch", "0"), "--batch must be >= 1")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, tiny_config
+from conftest import assert_exits, ROOT, tiny_config
 from data import synthetic_tokenizer
 from distill import TrainConfig, hard_ce, lr_at, main, parse_args, soft_kl, train
 from model import Transformer
@@ -107,11 +107,7 @@ def test_ddp_two_processes_keep_identical_weights(tiny_init, tmp_path):
 
 def test_bad_input_messages(tiny_init, tmp_path, capsys):
     def fails(args, message):
-        with pytest.raises(SystemExit) as e:
-            main(args)
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err, err
+        assert_exits(main, args, message, capsys)
 
     fails(run_args(str(tmp_path / "nowhere"), tmp_path / "o1"), "neither a checkpoint directory")
     fails(run_args(tiny_init, tmp_path / "o2", "--k", "1"), "must be >= 2")
