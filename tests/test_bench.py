@@ -1,11 +1,12 @@
 """bench.py end to end on a tiny checkpoint: every strategy gets a row, the numbers add up."""
 import json
+import os
 
 import pytest
 import torch
 
 from bench import fewshot_prefix, mean_se, main
-from conftest import tiny_config
+from conftest import SHARED, tiny_config
 from data import synthetic_tokenizer
 from model import Transformer
 
@@ -16,6 +17,8 @@ def test_mean_se():
     assert mean_se([1.0, 1.0]) == (1.0, 0.0)
 
 
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED, "data", "gsm8k", "train.jsonl")),
+                    reason="needs ../shared/data/gsm8k/train.jsonl (the exemplars come from GSM8K train)")
 def test_fewshot_prompt_uses_train_exemplars_only():
     prefix = fewshot_prefix(2)
     assert prefix.count("Q: ") == 2 and "Let's think step by step." in prefix
