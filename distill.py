@@ -73,6 +73,8 @@ class TrainConfig:
     save_every: int = arg(100, "steps per checkpoint (and one at the end)")
     seed: int = arg(0, "seeds data order, k/offset draws and the <MTP> row")
     resume: bool = arg(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = arg(False, "start over in an --out that already holds a run (its checkpoint "
+                                 "and log are replaced)")
     compile: bool = arg(False, "torch.compile the student and teacher")
     attention: str = arg("sdpa", "sdpa: boolean-mask SDPA | flex: FlexAttention block mask (CUDA)")
     device: str = arg("auto", "auto | cpu | cuda")
@@ -274,11 +276,29 @@ def truncate_log(path, step):
             f.writelines(keep)
 
 
-def latest_checkpoint(out):
+def latest_checkpoint(out, required=True):
     for name in ("ckpt", "ckpt.old"):       # ckpt.old: killed between the two renames above
         if os.path.isfile(os.path.join(out, name, "train_state.pt")):
             return os.path.join(out, name)
-    raise ConfigError(f"--resume: no checkpoint in {out}/ckpt; start a new run without --resume")
+    if required:
+        raise ConfigError(f"--resume: no checkpoint in {out}/ckpt; start a new run without --resume")
+
+
+def clear_out_dir(cfg, master):
+    """A new run never mixes its checkpoint and log with an earlier run's in the same --out:
+    it refuses (every rank), or with --overwrite the master deletes the old run's files."""
+    ck = latest_checkpoint(cfg.out, required=False)
+    if ck and not cfg.overwrite:
+        step = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu",
+                          weights_only=False)["step"]
+        raise ConfigError(f"{cfg.out} already holds a run (checkpoint at step {step}): continue it "
+                          "with --resume, start over with --overwrite, or pick another --out")
+    if not master:
+        return
+    for name in ("ckpt", "ckpt.old", "ckpt.tmp"):
+        shutil.rmtree(os.path.join(cfg.out, name), ignore_errors=True)
+    if os.path.isfile(os.path.join(cfg.out, "log.jsonl")):
+        os.remove(os.path.join(cfg.out, "log.jsonl"))
 
 
 def setup_processes(cfg):
@@ -324,7 +344,8 @@ TEACHER_RECIPE = ["--pretrain", "--data", "synthetic", "--out", DEFAULT_TEACHER,
 def build_default_teacher():
     print(f"no embedded teacher at {DEFAULT_TEACHER}: building it first "
           f"(python distill.py {' '.join(TEACHER_RECIPE)})", flush=True)
-    train(parse_args(TEACHER_RECIPE))
+    killed = latest_checkpoint(DEFAULT_TEACHER, required=False) is not None
+    train(parse_args(TEACHER_RECIPE + ["--resume"] * killed))   # a killed build continues
     # the teacher is the plain model: hoist it out of the run directory
     ckpt = os.path.join(DEFAULT_TEACHER, "ckpt")
     for name in os.listdir(ckpt):
@@ -367,6 +388,8 @@ def train(cfg):
     check_config(cfg)
     rank, world, device = setup_processes(cfg)
     master = rank == 0
+    if not cfg.resume:
+        clear_out_dir(cfg, master)
     cuda = device.type == "cuda"
     if cfg.attention == "flex" and not cuda:
         raise ConfigError("--attention flex needs CUDA (FlexAttention has no backward on the CPU); "

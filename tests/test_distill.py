@@ -94,6 +94,16 @@ def test_resume_is_exact(tiny_init, tmp_path):
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
 
 
+def test_a_new_run_never_mixes_with_an_old_one_in_the_same_out(tiny_init, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(parse_args(run_args(tiny_init, out, "--steps", "4")))
+    assert_exits(main, run_args(tiny_init, out, "--steps", "2"), "already holds a run", capsys)
+    train(parse_args(run_args(tiny_init, out, "--steps", "2", "--overwrite")))
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert max(steps) == 2                   # the 4-step run's records are gone with its checkpoint
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=False)["step"] == 2
+
+
 def test_ddp_two_processes_keep_identical_weights(tiny_init, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", "29533", os.path.join(ROOT, "distill.py"),
@@ -125,3 +135,4 @@ def test_bad_input_messages(tiny_init, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     fails(run_args(tiny_init, tmp_path / "o7", "--data", str(empty)), "has no usable rows")
+
