@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from data import (TokenizerError, extract_flexible, extract_strict, gold_answer, gsm8k,
-                  load_dataset, load_tokenizer, plain_prompt, same_number)
+from data import (SYNTHETIC_TEST_SEED, TokenizerError, extract_flexible, extract_strict, gold_answer,
+                  gsm8k, load_dataset, load_tokenizer, plain_prompt, same_number, synthetic_problems)
 from decode import DecodeError, PassTimer, check_request, generate_batch
 from model import CheckpointError, Transformer
 
@@ -185,7 +185,9 @@ def main(argv=None):
     p.add_argument("--baseline", help="the step-0 checkpoint, evaluated at k=1 (optional)")
     p.add_argument("--teacher", help="checkpoint whose per-token NLL of the outputs is reported")
     p.add_argument("--data", default="synthetic", help="synthetic | gsm8k | a test .jsonl")
-    p.add_argument("--limit", type=int, default=200, help="number of test problems")
+    p.add_argument("--limit", type=int, default=200,
+                   help="number of test problems (synthetic: the 200 held-out ones, then more from "
+                        "the same held-out stream)")
     p.add_argument("--static", default="1,2,3,4,5", help="static k values")
     p.add_argument("--taus", default="0.99,0.95,0.9,0.8,0.7,0.6", help="ConfAdapt thresholds")
     p.add_argument("--k-max", type=int, help="ConfAdapt candidates per pass (default: checkpoint's)")
@@ -205,7 +207,10 @@ def main(argv=None):
         path = a.data if a.data.endswith(".jsonl") else None
         if a.limit < 1 or a.batch < 1 or (a.max_new is not None and a.max_new < 1):
             raise DecodeError("--limit, --batch and --max-new must be >= 1")
-        problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path)[:a.limit]
+        if a.data == "synthetic":
+            problems = synthetic_problems(a.limit, seed=SYNTHETIC_TEST_SEED)
+        else:
+            problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path)[:a.limit]
         a.format = a.format if a.format != "auto" else ("fewshot" if a.data == "gsm8k" else "qa")
         prompter = make_prompter(a.format, tok)
         teacher = Transformer.from_pretrained(a.teacher, device=a.device).eval() if a.teacher else None

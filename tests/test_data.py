@@ -132,6 +132,8 @@ def test_synthetic_generator():
         assert result >= 0 and f"= {result} " in row["answer"]
     templates = {row["question"].split(".")[1].split()[-1] for row in rows}
     assert len(templates) >= 6
+    # a longer stream starts with the shorter one: bench --limit 1000 extends the 200 test problems
+    assert synthetic_problems(250, seed=3) == rows[:250]
 
 
 @needs_shared
