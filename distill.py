@@ -335,8 +335,8 @@ def ranks_identical(model, world):
 SYNTH_TEACHER = Config(model_type="llama", vocab_size=512, n_layer=4, n_head=6, n_kv_head=6,
                        d_model=192, head_dim=32, d_ff=512, max_seq_len=256, tie_embeddings=True)
 # the exact command that built checkpoints/synth-teacher (distill.py runs it if it is missing)
-TEACHER_RECIPE = ["--pretrain", "--data", "synthetic", "--out", DEFAULT_TEACHER, "--steps", "3000",
-                  "--lr", "2e-3", "--warmup", "100", "--cooldown", "1000", "--seq-len", "256",
+TEACHER_RECIPE = ["--pretrain", "--data", "synthetic", "--out", DEFAULT_TEACHER, "--steps", "5000",
+                  "--lr", "2e-3", "--warmup", "100", "--cooldown", "2000", "--seq-len", "256",
                   "--step-tokens", "6144", "--micro-batch", "32", "--save-every", "500",
                   "--log-every", "50"]
 
