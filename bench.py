@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from data import (SYNTHETIC_TEST_SEED, TokenizerError, extract_flexible, extract_strict, gold_answer,
-                  gsm8k, load_dataset, load_tokenizer, plain_prompt, same_number, synthetic_problems)
+from data import (TokenizerError, extract_flexible, extract_strict, gold_answer, gsm8k,
+                  load_dataset, load_tokenizer, plain_prompt, same_number)
 from decode import DecodeError, PassTimer, check_request, generate_batch
 from model import CheckpointError, Transformer
 
@@ -207,10 +207,7 @@ def main(argv=None):
         path = a.data if a.data.endswith(".jsonl") else None
         if a.limit < 1 or a.batch < 1 or (a.max_new is not None and a.max_new < 1):
             raise DecodeError("--limit, --batch and --max-new must be >= 1")
-        if a.data == "synthetic":
-            problems = synthetic_problems(a.limit, seed=SYNTHETIC_TEST_SEED)
-        else:
-            problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path)[:a.limit]
+        problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path, a.limit)
         a.format = a.format if a.format != "auto" else ("fewshot" if a.data == "gsm8k" else "qa")
         prompter = make_prompter(a.format, tok)
         teacher = Transformer.from_pretrained(a.teacher, device=a.device).eval() if a.teacher else None

@@ -444,15 +444,16 @@ def synthetic_problems(n, seed=0):
 SYNTHETIC_TEST_SEED = 1_000_003
 
 
-def load_dataset(name, split, path=None):
-    """'gsm8k' or 'synthetic' (a jsonl path works for either name via `path`)."""
+def load_dataset(name, split, path=None, limit=None):
+    """'gsm8k' or 'synthetic' (a jsonl path works for either name via `path`); at most `limit`
+    rows. Synthetic test = the first 200 of a held-out stream; a larger limit reads further on."""
     if name == "synthetic":
-        return synthetic_problems(200 if split == "test" else 50_000,
+        return synthetic_problems(limit or (200 if split == "test" else 50_000),
                                   seed=SYNTHETIC_TEST_SEED if split == "test" else 0)
     if name == "gsm8k":
-        return gsm8k(split, path)
+        return gsm8k(split, path)[:limit]
     if path:
-        return read_jsonl(path)
+        return read_jsonl(path)[:limit]
     raise DataError(f"unknown dataset {name!r} (gsm8k, synthetic, or a .jsonl path)")
 
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import SHARED, tiny_model
 from data import (DataError, TokenizerError, Tokenizer, extract_flexible, extract_strict, gold_answer,
-                  gpt2_tokenizer, gsm8k, llama3_tokenizer, load_tokenizer, pack, read_jsonl,
+                  gpt2_tokenizer, gsm8k, llama3_tokenizer, load_dataset, load_tokenizer, pack, read_jsonl,
                   synthetic_problems, synthetic_tokenizer, teacher_input, train_bpe)
 
 GPT2_RANKS = os.path.join(SHARED, "tokenizers", "gpt2.tiktoken")
@@ -134,6 +134,7 @@ def test_synthetic_generator():
     assert len(templates) >= 6
     # a longer stream starts with the shorter one: bench --limit 1000 extends the 200 test problems
     assert synthetic_problems(250, seed=3) == rows[:250]
+    assert load_dataset("synthetic", "test", limit=300)[:200] == load_dataset("synthetic", "test")
 
 
 @needs_shared
