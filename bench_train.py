@@ -21,14 +21,14 @@ import json
 import random
 import sys
 import time
-from dataclasses import fields
 
 import torch
 import torch.nn as nn
 
-from data import DataError, TokenizerError, load_dataset, pack, sample_ids
-from distill import (ConfigError, Stream, TrainConfig, check_config, draw_k_offset, hard_ce,
-                     load_models, mtp_step, n_regions, supervised_weight)
+from data import DataError, TokenizerError, pack
+from distill import (ConfigError, Stream, TrainConfig, add_config_args, check_config, draw_k_offset,
+                     hard_ce, load_models, load_samples, mtp_step, n_regions, ntp_inputs,
+                     optimizer_update, supervised_weight)
 from model import CheckpointError, block_mask
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity), matched in order on the device name
@@ -46,13 +46,7 @@ def parse_args(argv=None):
     """(TrainConfig, bench args). TrainConfig.micro_batch = --batch and .steps = --steps."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(TrainConfig):
-        if f.name in SHARED:
-            name = "--" + f.name.replace("_", "-")
-            if isinstance(f.default, bool):
-                p.add_argument(name, action="store_true", help=f.metadata["help"])
-            else:
-                p.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"])
+    add_config_args(p, only=SHARED)
     p.add_argument("--batch", type=int, default=64, help="sequences per step (one micro-batch)")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps of each kind")
     p.add_argument("--warmup-steps", type=int, default=-1,
@@ -84,15 +78,6 @@ def check_args(cfg, a):
 # The batches: drawn and packed as distill.train draws them (same stream, same k/offset draws)
 
 
-def load_samples(cfg, tok):
-    """Token ids of every training sample, as distill.train builds its list."""
-    rows = load_dataset(cfg.data, "train", cfg.data if cfg.data.endswith(".jsonl") else None)
-    seqs = [s for s in (sample_ids(tok, r) for r in rows) if len(s) > 1]
-    if not seqs:
-        raise ConfigError(f"dataset {cfg.data!r} has no usable rows")
-    return seqs
-
-
 def make_batches(cfg, seqs, n, mtp_id, eos_id):
     """n packed batches of cfg.micro_batch rows (on the CPU): the first n steps of a distill.py run
     with this config, one micro-batch per step."""
@@ -105,24 +90,8 @@ def make_batches(cfg, seqs, n, mtp_id, eos_id):
     return batches
 
 
-def ntp_inputs(P):
-    """The ground truth of a packed batch, unpacked: tokens (B, N) and next-token weights (B, N-1),
-    1 up to each row's EOS (its padding is not trained on, as in distill.prefix_ntp_loss)."""
-    x = P.idx[:, P.gt]                                                # (B, N)
-    t = torch.arange(1, x.size(1), device=x.device)
-    return x, (t[None, :] < P.length[:, None]).float()
-
-
 # -----------------------------------------------------------------------------
 # One optimizer step of each kind (what is timed)
-
-
-def optimizer_update(student, opt, cfg):
-    """distill.train's end of a step: clip, AdamW step, zero the gradients."""
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
 
 
 def mtp_train_step(student, teacher, opt, P, denom, cfg, mtp_id, eos_id, amp):

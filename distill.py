@@ -81,15 +81,22 @@ class TrainConfig:
     threads: int = arg(0, "CPU threads for torch (0 = torch's default)")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_config_args(p, only=None):
+    """One command-line option per TrainConfig field (or per field named in `only`)."""
     for f in fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
         name = "--" + f.name.replace("_", "-")
         if f.type == "bool" or isinstance(f.default, bool):
             p.add_argument(name, action="store_true", help=f.metadata["help"])
         else:
             p.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_args(p)
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -208,12 +215,18 @@ def mtp_step(student, teacher, P, cfg, mtp_id, eos_id, denom):
     return loss, stats
 
 
+def ntp_inputs(P):
+    """The ground truth of a packed batch, unpacked: tokens (B, N) and next-token weights (B, N-1),
+    1 up to each row's EOS (its padding is not trained on)."""
+    x = P.idx[:, P.gt]                                                # (B, N)
+    t = torch.arange(1, x.size(1), device=x.device)
+    return x, (t[None, :] < P.length[:, None]).float()
+
+
 def prefix_ntp_loss(all_logits, P):
     """Ablation: NTP cross-entropy at every ground-truth position (next ground-truth token)."""
-    x = P.idx[:, P.gt]                                                # (B, N) the ground truth
+    x, real = ntp_inputs(P)
     logits = all_logits[:, P.gt[:-1]]                                 # (B, N-1, V+1)
-    t = torch.arange(1, x.size(1), device=x.device)
-    real = (t[None, :] < P.length[:, None]).float()                   # targets up to the EOS
     return hard_ce(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), real.reshape(-1))
 
 
@@ -299,6 +312,23 @@ def clear_out_dir(cfg, master):
         shutil.rmtree(os.path.join(cfg.out, name), ignore_errors=True)
     if os.path.isfile(os.path.join(cfg.out, "log.jsonl")):
         os.remove(os.path.join(cfg.out, "log.jsonl"))
+
+
+def load_samples(cfg, tok):
+    """Token ids of every training sample of cfg.data."""
+    rows = load_dataset(cfg.data, "train", cfg.data if cfg.data.endswith(".jsonl") else None)
+    seqs = [s for s in (sample_ids(tok, r) for r in rows) if len(s) > 1]
+    if not seqs:
+        raise ConfigError(f"dataset {cfg.data!r} has no usable rows")
+    return seqs
+
+
+def optimizer_update(student, opt, cfg):
+    """The end of every step: clip the gradient norm, AdamW step, zero the gradients."""
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def setup_processes(cfg):
@@ -395,10 +425,7 @@ def train(cfg):
         raise ConfigError("--attention flex needs CUDA (FlexAttention has no backward on the CPU); "
                           "use --attention sdpa")
     student, teacher, tok = load_models(cfg, device)
-    rows = load_dataset(cfg.data, "train", cfg.data if cfg.data.endswith(".jsonl") else None)
-    seqs = [s for s in (sample_ids(tok, r) for r in rows) if len(s) > 1]
-    if not seqs:
-        raise ConfigError(f"dataset {cfg.data!r} has no usable rows")
+    seqs = load_samples(cfg, tok)
     if not cfg.pretrain and cfg.seq_len + cfg.k - 1 > student.cfg.max_seq_len:
         raise ConfigError(f"--seq-len {cfg.seq_len} + k {cfg.k} exceeds the model's context "
                           f"({student.cfg.max_seq_len})")
@@ -482,10 +509,7 @@ def train(cfg):
             if "conf" in st:
                 for name in ("conf", "agree", "count"):
                     acc[name][:len(st[name])] += st[name].float().cpu()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_update(student, opt, cfg)
         step += 1
         acc["n"] += 1
 

@@ -34,7 +34,6 @@ def _seed():
 
 def assert_exits(main, args, message, capsys):
     """main(args) stops with exit code 2 and a message on stderr containing `message`, no traceback."""
-    import pytest
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2
