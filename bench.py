@@ -131,7 +131,8 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
             "strict_se": sacc_se, "eff_k": statistics.mean(eff_k),
             "eff_k_std": statistics.pstdev(eff_k), "tokens": tokens, "decode_s": wall_s,
             "ms_per_pass": step_ms / max(1, steps), "tokens_per_s": tokens / wall_s,
-            "teacher_nll": nll / n_tok if n_tok else None, "samples": samples}
+            "teacher_nll": nll / n_tok if n_tok else None, "samples": samples,
+            "correct": [int(c) for c in flex]}        # per problem, in order: which ones flip
 
 
 # -----------------------------------------------------------------------------

@@ -11,10 +11,11 @@ AdamW and the same fixed set of batches, drawn and packed the way distill.py dra
        the student's rollout), then gradient clipping and the optimizer step, as distill.train;
   NTP: plain causal next-token fine-tuning on the same batches' ground-truth tokens (B, N),
        student forward/backward, same clipping and optimizer.
-bf16 autocast on CUDA, fp32 on the CPU (as distill.py). Warm-up steps run first and are not
-timed; the timed region is the N steps of one kind between two CUDA events (host clock on the
-CPU). Batches are packed and moved to the device before timing (distill.py packs on the host
-inside its loop; a data loader would hide that). Prints a markdown table, then one JSON line.
+bf16 autocast on CUDA (fp32 with --precision fp32), fp32 on the CPU, as distill.py. Warm-up
+steps run first and are not timed; the timed region is the N steps of one kind between two CUDA
+events (host clock on the CPU). Batches are packed and moved to the device before timing
+(distill.py packs on the host inside its loop; a data loader would hide that). Prints a markdown
+table, then one JSON line.
 """
 import argparse
 import json
@@ -26,9 +27,9 @@ import torch
 import torch.nn as nn
 
 from data import DataError, TokenizerError, pack
-from distill import (ConfigError, Stream, TrainConfig, add_config_args, check_config, draw_k_offset,
-                     hard_ce, load_models, load_samples, mtp_step, n_regions, ntp_inputs,
-                     optimizer_update, supervised_weight)
+from distill import (ConfigError, Stream, TrainConfig, add_config_args, autocast, check_config,
+                     draw_k_offset, hard_ce, load_models, load_samples, mtp_step, n_regions,
+                     ntp_inputs, optimizer_update, supervised_weight)
 from model import CheckpointError, block_mask
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity), matched in order on the device name
@@ -39,7 +40,7 @@ PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
 # Configuration: the method's settings come from distill.TrainConfig (defaults written once there)
 
 SHARED = ["init", "data", "k", "fixed_k", "regions", "seq_len", "teacher", "seed", "compile",
-          "attention", "device", "threads"]
+          "attention", "device", "precision", "threads"]
 
 
 def parse_args(argv=None):
@@ -209,7 +210,7 @@ def run(cfg, a):
     if cfg.compile:
         student, teacher = torch.compile(student), torch.compile(teacher)
     opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    amp = autocast(device, cfg)
     n_warmup = a.warmup_steps if a.warmup_steps >= 0 else (len(batches) + 2 if cfg.compile else 3)
 
     def mtp(i):
@@ -256,7 +257,7 @@ def run(cfg, a):
           f"N={cfg.seq_len} | k in [{cfg.k if cfg.fixed_k else 2}, {cfg.k}], {n_regions(cfg)} regions, "
           f"mean packed length {mean_len:.1f} | attention {cfg.attention}"
           f"{' | compiled' if cfg.compile else ''} | {n} timed steps each after {n_warmup} "
-          f"warm-up | {'bf16 autocast' if cuda else 'fp32'}\n")
+          f"warm-up | {'bf16 autocast' if cuda and cfg.precision == 'auto' else 'fp32'}\n")
     print("| step | ms/step | tokens/s | TFLOP/s | MFU | peak GiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     print(f"| MTP distillation (student fwd+bwd, teacher fwd) | {mtp_ms:.1f} | "

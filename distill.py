@@ -78,6 +78,8 @@ class TrainConfig:
     compile: bool = arg(False, "torch.compile the student and teacher")
     attention: str = arg("sdpa", "sdpa: boolean-mask SDPA | flex: FlexAttention block mask (CUDA)")
     device: str = arg("auto", "auto | cpu | cuda")
+    precision: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU | fp32: fp32 on CUDA "
+                                 "too (the CPU's numerics, e.g. to reproduce a CPU run faster)")
     threads: int = arg(0, "CPU threads for torch (0 = torch's default)")
 
 
@@ -108,6 +110,8 @@ def check_config(cfg):
     for name in ("steps", "seq_len", "micro_batch", "step_tokens", "log_every", "save_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
+    if cfg.precision not in ("auto", "fp32"):
+        raise ConfigError(f"--precision must be auto or fp32 (got {cfg.precision!r})")
     if cfg.pretrain:
         return
     if cfg.k < 2:
@@ -323,6 +327,12 @@ def load_samples(cfg, tok):
     return seqs
 
 
+def autocast(device, cfg):
+    """The forward passes' precision: bf16 autocast on CUDA unless --precision fp32; fp32 on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=device.type == "cuda" and cfg.precision == "auto")
+
+
 def optimizer_update(student, opt, cfg):
     """The end of every step: clip the gradient norm, AdamW step, zero the gradients."""
     if cfg.grad_clip:
@@ -468,7 +478,7 @@ def train(cfg):
         with open(os.path.join(cfg.out, "args.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    amp = autocast(device, cfg)
     K = cfg.k
 
     def fresh():

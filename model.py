@@ -365,7 +365,7 @@ class Transformer(nn.Module):
         g = torch.Generator().manual_seed(seed)
 
         def grow(w):  # (V, D) -> (V+1, D)
-            wf = w.float()
+            wf = w.detach().float().cpu()      # on the CPU: the same row whatever the device
             row = wf.mean(0) + wf.std(0) * torch.randn(w.size(1), generator=g)
             return nn.Parameter(torch.cat([w, row.to(w.device, w.dtype)[None]], 0))
 

@@ -32,6 +32,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory):
+    """A tiny random Llama with the synthetic tokenizer: a teacher that trains in seconds."""
+    from data import synthetic_tokenizer
+    d = tmp_path_factory.mktemp("init")
+    torch.manual_seed(0)
+    tok = synthetic_tokenizer()
+    Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256)).save_pretrained(d)
+    tok.save(d)
+    return str(d)
+
+
 def assert_exits(main, args, message, capsys):
     """main(args) stops with exit code 2 and a message on stderr containing `message`, no traceback."""
     with pytest.raises(SystemExit) as e:

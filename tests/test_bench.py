@@ -51,6 +51,7 @@ def test_bench_runs_every_strategy(tmp_path, capsys):
     assert by["static k=1"]["speedup"] == 1.0 and by["static k=1"]["eff_k"] == 1.0
     assert by["static k=2"]["eff_k"] == 2.0 and by["ConfAdapt tau=0.0"]["eff_k"] == 3.0
     assert all(r["teacher_nll"] > 0 and r["n"] == 3 for r in res)
+    assert all(len(r["correct"]) == 3 and sum(r["correct"]) / 3 == r["acc"] for r in res)
     table = open(f"{out}.md").read()
     assert table.count("\n| ") == 7          # header, rule, 5 strategies
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -63,6 +64,6 @@ def test_bench_batch_decodes_the_same(tmp_path):
     two = tiny_bench(tmp_path, tmp_path / "b2", "--batch", "2")
     assert "batch 2" in two["header"] and "batch 1" in one["header"]
     for r1, r2 in zip(one["results"], two["results"], strict=True):
-        for key in ("strategy", "acc", "strict", "eff_k", "eff_k_std", "tokens", "samples"):
+        for key in ("strategy", "acc", "strict", "eff_k", "eff_k_std", "tokens", "samples", "correct"):
             assert r1[key] == r2[key], key
         assert r1["teacher_nll"] == pytest.approx(r2["teacher_nll"], rel=1e-5)

@@ -7,8 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_exits, ROOT, tiny_config
-from data import synthetic_tokenizer
+from conftest import assert_exits, ROOT
 from distill import TrainConfig, hard_ce, lr_at, main, parse_args, soft_kl, train
 from model import Transformer
 
@@ -42,18 +41,6 @@ def test_lr_schedule():
     assert lr_at(49, cfg) == pytest.approx(1e-3) and lr_at(75, cfg) == pytest.approx(0.5e-3)
     cfg.cooldown = 400                                               # longer than the run
     assert lr_at(20, cfg) == pytest.approx(1e-3 * 80 / 400)
-
-
-@pytest.fixture(scope="module")
-def tiny_init(tmp_path_factory):
-    """A tiny random Llama with the synthetic tokenizer: a teacher that trains in seconds."""
-    d = tmp_path_factory.mktemp("init")
-    torch.manual_seed(0)
-    tok = synthetic_tokenizer()
-    cfg = tiny_config(vocab=tok.n_vocab, max_seq_len=256)
-    Transformer(cfg).save_pretrained(d)
-    tok.save(d)
-    return str(d)
 
 
 def run_args(init, out, *extra):
@@ -123,6 +110,7 @@ def test_bad_input_messages(tiny_init, tmp_path, capsys):
     fails(run_args(tiny_init, tmp_path / "o2", "--k", "1"), "must be >= 2")
     fails(run_args(tiny_init, tmp_path / "o3", "--seq-len", "12", "--regions", "4"), "too short")
     fails(run_args(tiny_init, tmp_path / "o4", "--resume"), "no checkpoint in")
+    fails(run_args(tiny_init, tmp_path / "o4b", "--precision", "fp16"), "--precision must be auto or fp32")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     for name in os.listdir(tiny_init):

@@ -1,0 +1,68 @@
+"""The CUDA paths against the CPU, on a tiny model. Skipped without a GPU; on one machine with a GPU
+run `python -m pytest -q tests/test_cuda.py`."""
+import pytest
+import torch
+
+from conftest import tiny_model
+from data import pack
+from decode import generate
+from distill import (autocast, load_models, load_samples, mtp_step, n_regions, parse_args,
+                     supervised_weight, train)
+from model import Transformer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_the_mtp_row_does_not_depend_on_the_device():
+    cpu, gpu = tiny_model(), tiny_model().cuda()
+    cpu.add_mtp_token(seed=3)
+    gpu.add_mtp_token(seed=3)
+    assert torch.equal(gpu.embed.weight.cpu(), cpu.embed.weight)
+
+
+def one_step(init, device, precision):
+    """Loss, gradients and agreement of one distillation micro-step on a fixed packed batch."""
+    cfg = parse_args(["--init", init, "--k", "4", "--seq-len", "64", "--device", device,
+                      "--precision", precision])
+    dev = torch.device(device)
+    student, teacher, tok = load_models(cfg, dev)
+    rows = load_samples(cfg, tok)[:6]
+    mtp = student.cfg.mtp_token_id
+    P = pack(rows, 3, 2, n_regions(cfg), cfg.seq_len, mtp, tok.eos_id).to(dev)
+    with autocast(dev, cfg):
+        loss, st = mtp_step(student, teacher, P, cfg, mtp, tok.eos_id, supervised_weight(P, cfg).sum())
+    loss.backward()
+    return loss.item(), {n: p.grad.cpu() for n, p in student.named_parameters()}, st["agree"].cpu()
+
+
+def test_a_distillation_step_on_cuda_matches_the_cpu(tiny_init):
+    loss, grads, agree = one_step(tiny_init, "cpu", "auto")
+    loss32, grads32, agree32 = one_step(tiny_init, "cuda", "fp32")
+    assert loss32 == pytest.approx(loss, rel=1e-5) and torch.equal(agree32, agree)
+    for name in grads:
+        torch.testing.assert_close(grads32[name], grads[name], rtol=1e-3, atol=1e-6)
+    loss16, _, _ = one_step(tiny_init, "cuda", "auto")          # bf16 autocast: close, not equal
+    assert loss16 == pytest.approx(loss, rel=3e-2)
+
+
+def test_training_on_cuda_writes_a_loadable_checkpoint(tiny_init, tmp_path):
+    for precision in ("auto", "fp32"):
+        out = tmp_path / precision
+        train(parse_args(["--init", tiny_init, "--out", str(out), "--k", "4", "--seq-len", "64",
+                          "--micro-batch", "4", "--step-tokens", "256", "--steps", "3",
+                          "--device", "cuda", "--precision", precision]))
+        m = Transformer.from_pretrained(str(out / "ckpt"))
+        assert m.cfg.mtp_token_id is not None
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_decoding_on_cuda_equals_the_cpu():
+    m = tiny_model()
+    m.add_mtp_token()
+    m.cfg.mtp_k_max = 4
+    prompt = [3, 14, 15, 9, 2, 6]
+    for rule in ({"static_k": 1}, {"static_k": 3}, {"tau": 0.0}):
+        cpu, _ = generate(m, prompt, max_new_tokens=20, **rule)
+        gpu, _ = generate(m.cuda(), prompt, max_new_tokens=20, **rule)
+        m.cpu()
+        assert gpu == cpu, rule
