@@ -27,6 +27,14 @@ def tiny_model(seed=0, **kw):
     return Transformer(tiny_config(**kw)).eval()
 
 
+def mtp_model(**kw):
+    """tiny_model with an <MTP> token, decoding up to 4 tokens per pass."""
+    m = tiny_model(**kw)
+    m.add_mtp_token()
+    m.cfg.mtp_k_max = 4
+    return m
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

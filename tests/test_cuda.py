@@ -3,7 +3,7 @@ run `python -m pytest -q tests/test_cuda.py`."""
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import mtp_model, tiny_model
 from data import pack
 from decode import generate
 from distill import (autocast, load_models, load_samples, mtp_step, n_regions, parse_args,
@@ -57,9 +57,7 @@ def test_training_on_cuda_writes_a_loadable_checkpoint(tiny_init, tmp_path):
 
 
 def test_decoding_on_cuda_equals_the_cpu():
-    m = tiny_model()
-    m.add_mtp_token()
-    m.cfg.mtp_k_max = 4
+    m = mtp_model()
     prompt = [3, 14, 15, 9, 2, 6]
     for rule in ({"static_k": 1}, {"static_k": 3}, {"tau": 0.0}):
         cpu, _ = generate(m, prompt, max_new_tokens=20, **rule)

@@ -3,7 +3,7 @@ batched decoding against one prompt at a time."""
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import mtp_model, tiny_model
 from decode import DecodeError, accept_confadapt, accept_static, generate, generate_batch, main
 
 
@@ -17,13 +17,6 @@ def greedy_reference(model, prompt, n, stop_ids=()):
         if nxt in stop_ids:
             break
     return seq[len(prompt):]
-
-
-def mtp_model(**kw):
-    m = tiny_model(**kw)
-    m.add_mtp_token()
-    m.cfg.mtp_k_max = 4
-    return m
 
 
 def test_accept_rules():
