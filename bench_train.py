@@ -29,7 +29,7 @@ import torch.nn as nn
 from data import DataError, TokenizerError, pack
 from distill import (ConfigError, Stream, TrainConfig, add_config_args, autocast, check_config,
                      draw_k_offset, hard_ce, load_models, load_samples, mtp_step, n_regions,
-                     ntp_inputs, optimizer_update, supervised_weight)
+                     ntp_inputs, optimizer_update, supervised_weight, uses_bf16)
 from model import CheckpointError, block_mask
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity), matched in order on the device name
@@ -257,7 +257,7 @@ def run(cfg, a):
           f"N={cfg.seq_len} | k in [{cfg.k if cfg.fixed_k else 2}, {cfg.k}], {n_regions(cfg)} regions, "
           f"mean packed length {mean_len:.1f} | attention {cfg.attention}"
           f"{' | compiled' if cfg.compile else ''} | {n} timed steps each after {n_warmup} "
-          f"warm-up | {'bf16 autocast' if cuda and cfg.precision == 'auto' else 'fp32'}\n")
+          f"warm-up | {'bf16 autocast' if uses_bf16(device, cfg) else 'fp32'}\n")
     print("| step | ms/step | tokens/s | TFLOP/s | MFU | peak GiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     print(f"| MTP distillation (student fwd+bwd, teacher fwd) | {mtp_ms:.1f} | "

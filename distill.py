@@ -327,10 +327,13 @@ def load_samples(cfg, tok):
     return seqs
 
 
-def autocast(device, cfg):
+def uses_bf16(device, cfg):
     """The forward passes' precision: bf16 autocast on CUDA unless --precision fp32; fp32 on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=device.type == "cuda" and cfg.precision == "auto")
+    return device.type == "cuda" and cfg.precision == "auto"
+
+
+def autocast(device, cfg):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, cfg))
 
 
 def optimizer_update(student, opt, cfg):
