@@ -126,19 +126,40 @@ class Config:
 class KVCache:
     """Keys/values of every layer for the tokens seen so far; `truncate(n)` drops the newest.
 
-    Buffers are (B, n_kv_head, capacity, head_dim) per layer and grow by doubling; `length` is
-    the number of real cached positions (the same for every row of the batch).
+    Two layouts. The default grows: buffers (B, n_kv_head, capacity, head_dim) per layer, doubled
+    when full, attention over the `length` real positions. `KVCache.static(...)` has fixed buffers
+    of `capacity` slots written at `write_at` (a device tensor of slot indices set by the caller),
+    and attention spans all `capacity` slots under the caller's mask: nothing about it changes
+    shape or needs the host from one step to the next, which is what a CUDA graph needs
+    (decode.CudaGraphs). `length` is the number of real cached positions (the same for every row).
     """
 
     def __init__(self):
         self.k, self.v = [], []
         self.length = 0
+        self.capacity = None      # None: growing buffers
+        self.write_at = None      # static layout: (T,) slot indices of the tokens being stored
+
+    @classmethod
+    def static(cls, cfg, batch, capacity, dtype, device):
+        """Fixed buffers for `batch` rows and `capacity` slots, allocated up front."""
+        cache = cls()
+        cache.capacity = capacity
+        shape = (batch, cfg.n_kv_head, capacity, cfg.head_dim)
+        cache.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        cache.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        return cache
 
     def __len__(self):
         return self.length
 
     def store(self, layer, k, v):
-        """Write k, v (B, nkv, T, hs) at positions [length, length+T); return the full views."""
+        """Write k, v (B, nkv, T, hs) at positions [length, length+T) (static: at write_at);
+        return the keys and values attention reads: (B, nkv, length+T, hs), static (B, nkv, capacity, hs)."""
+        if self.capacity is not None:
+            self.k[layer].index_copy_(2, self.write_at, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, self.write_at, v.to(self.v[layer].dtype))
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.size(2)
         if layer == len(self.k):                       # first use of this layer
             self.k.append(k.new_empty(0, 0, 0, 0)), self.v.append(v.new_empty(0, 0, 0, 0))
@@ -314,18 +335,25 @@ class Transformer(nn.Module):
         pos:   (B, T) or (T,) position ids; default: continue from the cache (0 without one).
         mask:  (B, T, S) or (T, S) boolean, True = may attend, S = cached + T; default causal;
                or a FlexAttention BlockMask (see block_mask).
-        cache: a KVCache that grows by these T tokens.
+        cache: a KVCache that grows by these T tokens (a static one: pass pos, and a mask over
+               all of its capacity slots, (B, T, capacity)).
         out_idx: (B, n) positions at which to compute logits (default all): saves the vocab
                projection where only a few positions are supervised.
         Returns logits (B, T or n, V).
         """
         B, T = idx.shape
-        past = len(cache) if cache is not None else 0
+        static = cache is not None and cache.capacity is not None
+        if static and (mask is None or pos is None):
+            raise ValueError("a static KVCache needs explicit pos and a (B, T, capacity) mask")
+        # the static cache's length is the caller's business: reading it here would make a
+        # compiled forward depend on it (a recompile every step)
+        past = len(cache) if cache is not None and not static else 0
         if pos is None:
             pos = torch.arange(past, past + T, device=idx.device)
         if pos.dim() == 1:
             pos = pos.unsqueeze(0).expand(B, T)
-        if self.pos_embed is not None and pos.max() >= self.cfg.max_seq_len:
+        if self.pos_embed is not None and not (idx.is_cuda and torch.cuda.is_current_stream_capturing()) \
+                and pos.max() >= self.cfg.max_seq_len:    # (no host sync inside a CUDA graph)
             raise ValueError(f"position {int(pos.max())} is beyond the model's context "
                              f"({self.cfg.max_seq_len})")
         causal = mask is None and past == 0            # the plain causal LM: SDPA's own mask
@@ -347,7 +375,7 @@ class Transformer(nn.Module):
             rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, causal, cache, i)
-        if cache is not None:
+        if cache is not None and not static:
             cache.length = past + T
         x = self.norm(x)
         if out_idx is not None:
