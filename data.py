@@ -513,8 +513,10 @@ class Packed:
     sup     (M, k)  packed indices of each region's supervised positions: x_p, then its masks
     length  (B,)    ground-truth tokens of each row in the window, its EOS included
     valid   (B, M)  the region exists in this row (its prefix ends before the row's EOS)
-    targets (B, M, k) ground-truth next tokens, EOS past the end (-1 where unknown: truncated)
-    past_eos (B, M, k) the target lies past the row's EOS (its target is EOS in every mode)
+    targets (B, M, k) ground-truth next tokens, read from the whole sample (the last region's
+                    targets may lie past the N-token window), EOS past the sample's EOS, -1
+                    where unknown (a sample cut without an EOS, past its last token)
+    past_eos (B, M, k) the target lies past the sample's EOS (its target is EOS in every mode)
     """
     idx: torch.Tensor
     pos: torch.Tensor
@@ -565,7 +567,10 @@ def pack(seqs, k, offset, n_regions, seq_len, mtp_id, eos_id):
 
     Rows longer than seq_len are cut; shorter ones are padded with EOS (positions past a row's
     EOS are never supervised). Region r is dropped in a row whose EOS comes at or before p_r, and
-    the first region whose k targets reach the EOS is the row's last.
+    the first region whose k targets reach the EOS is the row's last. The model sees only the
+    first seq_len tokens, but targets come from the whole sample: the last region's span can
+    reach up to k-1 tokens past the window, and a sample whose EOS falls there still gets its
+    real tokens, then EOS (METHOD.md: "its span targets past EOS are EOS").
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -583,23 +588,25 @@ def pack(seqs, k, offset, n_regions, seq_len, mtp_id, eos_id):
     ahead = ends_t[:, None] + torch.arange(1, k + 1)        # (M, k) ground-truth index of each target
     length = torch.zeros(B, dtype=torch.long)
     for b, full in enumerate(seqs):
-        s = list(full[:seq_len])
-        # a sample's EOS is its LAST token (chat formats also use that token inside the prompt);
-        # a short sample without one ends where its EOS padding starts; a cut one has none
-        eos_at = len(full) - 1 if full[-1] == eos_id else len(full)
-        if eos_at >= seq_len:
-            eos_at = None
-        row = torch.tensor(s + [eos_id] * (seq_len - len(s)))
-        idx[b, gt_slot] = row
-        length[b] = seq_len if eos_at is None else eos_at + 1
+        # a sample's EOS is its LAST token (chat formats also use that token inside the prompt),
+        # wherever it falls, inside the window or past it; a short sample without one ends
+        # where its EOS padding starts; a sample cut without one has none
+        full = list(full)
+        if full[-1] == eos_id:
+            eos_at = len(full) - 1
+        else:
+            eos_at = len(full) if len(full) < seq_len else None
+        whole = torch.tensor(full + [eos_id] * (seq_len - len(full)))   # >= seq_len tokens
+        idx[b, gt_slot] = whole[:seq_len]
+        length[b] = seq_len if eos_at is None else min(eos_at + 1, seq_len)
         valid[b] = ends_t < (seq_len if eos_at is None else eos_at)   # x_p comes before the EOS
         if eos_at is not None:
             reach = ends_t + k >= eos_at                     # this region's targets reach the EOS
             first = int(reach.nonzero()[0]) if reach.any() else M
             valid[b, first + 1:] = False
             past_eos[b] = ahead > eos_at
-        known = ahead < len(s)
-        targets[b][known] = row[ahead[known]]
+        known = ahead < len(whole)
+        targets[b][known] = whole[ahead[known]]
         targets[b][past_eos[b]] = eos_id
     return Packed(idx, pos, mask, gt_slot, sup, length, valid, targets, past_eos)
 
