@@ -76,8 +76,7 @@ READ = {
     "qwen2": QWEN_READ,                 # q/k/v biases always, o_proj and MLP never
     "qwen3": QWEN_READ | {"attention_bias"},
 }
-for _fields in READ.values():
-    _fields |= {"mtp_token_id", "mtp_k_max"}     # ours: the <MTP> token (add_mtp_token)
+OURS = {"mtp_token_id", "mtp_k_max"}   # the <MTP> token (add_mtp_token) and distill.py's --k
 
 
 def full_attention_only(layer_types):
@@ -126,7 +125,7 @@ def check_fields(d, mt):
             if not accepts(value):
                 raise CheckpointError(f"config.json: {name} = {value!r} is not supported "
                                       f"(supported: {supported})")
-        elif name not in READ[mt] | HARMLESS | (HARMLESS_GPT2 if mt == "gpt2" else set()):
+        elif name not in READ[mt] | OURS | HARMLESS | (HARMLESS_GPT2 if mt == "gpt2" else set()):
             raise CheckpointError(
                 f"config.json: unknown field {name!r} for model_type {mt!r}; it may change the "
                 "computation, so it is not ignored. If it does not, delete it from config.json")
@@ -137,6 +136,8 @@ LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_po
 
 def rope_spec(params, theta):
     """(rope_type, rope_theta, the other settings) of one spelling of the rope config."""
+    if not isinstance(params, (dict, type(None))):
+        raise CheckpointError(f"config.json: a rope setting is {params!r}, not null or a dict")
     p = dict(params or {})
     legacy = p.pop("type", None)                       # the spelling before transformers 4.43
     rope_type = p.pop("rope_type", legacy or "default")

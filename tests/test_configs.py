@@ -454,6 +454,7 @@ REJECTED = [
     *[(V4["qwen2"], dict(rope_scaling={"rope_type": t, "factor": 4.0}), f"rope type '{t}'")
       for t in ("yarn", "dynamic", "linear", "longrope")],
     (V4["qwen2"], dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope type 'yarn'"),
+    (V4["qwen2"], dict(rope_scaling="yarn"), "not null or a dict"),
     (LLAMA3_V5, dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                                       "original_max_position_embeddings": 64}), "rope type 'yarn'"),
     (LLAMA3_V5, dict(rope_parameters={k: v for k, v in LLAMA3_V5["rope_parameters"].items()
@@ -495,6 +496,15 @@ def test_fields_that_change_the_computation_are_errors(tmp_path, d, changes, mes
         Transformer.from_pretrained(path)
 
 
+def test_saved_dtype_is_the_weights_dtype_in_both_spellings(tmp_path):
+    """transformers 5 reads "dtype" before "torch_dtype": a bf16 config saved in fp32 must say so
+    in both, or transformers 5 would load the fp32 save as bf16."""
+    d = {**V5["qwen3"], "dtype": "bfloat16"}
+    Transformer.from_pretrained(write_checkpoint(tmp_path / "in", d, hf_tensors(d))).save_pretrained(tmp_path / "out")
+    written = json.load(open(tmp_path / "out" / "config.json"))
+    assert written["dtype"] == written["torch_dtype"] == "float32"
+
+
 def test_harmless_fields_are_accepted():
     """Dropout (off at eval), token ids, dtype and bookkeeping do not change the logits."""
     d = {**V5["qwen3"], "attention_dropout": 0.1, "eos_token_id": [1, 2], "dtype": "bfloat16",
@@ -505,9 +515,13 @@ def test_harmless_fields_are_accepted():
 # -----------------------------------------------------------------------------
 # With transformers: the same checkpoints against stock transformers, both directions
 
-def hf_logits(path):
+def hf_logits(path, **kw):
+    """Stock transformers' model and logits; a tensor it would have to invent (it initialises
+    missing ones quietly) or leave unused fails the test."""
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kw)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    hf.eval()
     with torch.no_grad():
         return hf, hf(IDX).logits[0]
 
@@ -516,7 +530,7 @@ def hf_logits(path):
 def test_against_transformers_both_ways(tmp_path, name, gen, d):
     pytest.importorskip("transformers")
     literal = write_checkpoint(tmp_path / "literal", d, hf_tensors(d))
-    hf, theirs = hf_logits(literal)
+    hf, theirs = hf_logits(literal, dtype=torch.float32)   # published configs say bfloat16
     ours_model = Transformer.from_pretrained(literal)
     with torch.no_grad():
         ours = ours_model(IDX)[0]
@@ -525,8 +539,9 @@ def test_against_transformers_both_ways(tmp_path, name, gen, d):
     hf.save_pretrained(tmp_path / "by_hf")
     with torch.no_grad():
         diffs["saved by HF -> ours"] = max_diff(Transformer.from_pretrained(str(tmp_path / "by_hf"))(IDX)[0], theirs)
-    # ours -> HF: what we write, read by transformers; and each rope spelling alone, as a reader
-    # of only that spelling (transformers 4: rope_theta/rope_scaling) would see it
+    # ours -> HF: what we write, read by transformers with its defaults (dtype "auto": our fp32
+    # save must say float32); and each rope spelling alone, as a reader of only that spelling
+    # (transformers 4: rope_theta/rope_scaling) would see it
     ours_model.save_pretrained(tmp_path / "by_us")
     diffs["saved by us -> HF"] = max_diff(hf_logits(str(tmp_path / "by_us"))[1], ours)
     written = json.load(open(tmp_path / "by_us" / "config.json"))
@@ -537,6 +552,25 @@ def test_against_transformers_both_ways(tmp_path, name, gen, d):
             diffs[f"ours without {'/'.join(drop)} -> HF"] = max_diff(hf_logits(str(tmp_path / "by_us"))[1], ours)
     print(f"\n{name} ({gen}): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     assert max(diffs.values()) < 1e-4, diffs
+
+
+@pytest.mark.parametrize("kw", [dict(model_type="qwen3", head_dim=16, tie=False),
+                                dict(model_type="llama", rope_theta=5e5, rope_scaling={
+                                    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 512}),
+                                dict(model_type="qwen2"), dict(model_type="gpt2")],
+                         ids=["qwen3", "llama3-rope", "qwen2", "gpt2"])
+def test_transformers_loads_a_model_we_built(tmp_path, kw):
+    """A model made here (no original config.json to copy fields from), with <MTP> added."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = Transformer(tiny_config(**kw)).eval()
+    m.add_mtp_token()
+    m.save_pretrained(tmp_path)
+    with torch.no_grad():
+        diff = max_diff(hf_logits(str(tmp_path))[1], m(IDX)[0])
+    print(f"\nbuilt here, {kw['model_type']}: ours -> HF max|diff| {diff:.2e}")
+    assert diff < 1e-4
 
 
 # -----------------------------------------------------------------------------
