@@ -772,6 +772,9 @@ def main(argv=None):
             seq = tok.encode(a.text) + [tok.eos_id]
         else:
             seq = sample_ids(tok, synthetic_problems(a.problem + 1, seed=0)[a.problem])
+        if max(seq) >= mtp_id:
+            raise DataError(f"the tokenizer gives ids up to {max(seq)}, but the student's <MTP> "
+                            f"is id {mtp_id}: use the student's own tokenizer (drop --tokenizer)")
         print(show_layout(tok, seq, a.k, a.offset, a.regions, a.seq_len, mtp_id, student))
     except (DataError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from conftest import assert_exits
+from conftest import assert_exits, tiny_model
 from data import (SHOW_DEFAULT_TOKENIZER, load_tokenizer, main, pack, sample_ids, synthetic_problems,
                   teacher_input)
 from distill import TrainConfig, supervised_weight
@@ -111,3 +111,7 @@ def test_bad_options_are_messages(tmp_path, capsys):
     fails(["--show-layout", "--tokenizer", str(tmp_path / "none")], "not 'gpt2', a file")
     fails(["--show-layout", "--student", str(tmp_path)], "--student:")
     fails(["--show-layout", "--text", "x", "--problem", "2"], "not allowed with")
+    small = tmp_path / "small"                     # a student with a 61-token vocabulary
+    tiny_model().save_pretrained(small)
+    fails(["--show-layout", "--student", str(small), "--tokenizer", SHOW_DEFAULT_TOKENIZER],
+          "use the student's own tokenizer")
