@@ -661,6 +661,16 @@ def student_rollout(student, P):
     return logits.argmax(-1).view(B, M, k)
 
 
+def mask_grid(mask, labels):
+    """An (L, L) attention mask as lines of text: a row per query slot (its number and label),
+    '#' in the column of each key slot it may attend, '.' elsewhere; two lines number the columns."""
+    L = mask.size(0)
+    head = [" " * 20 + "".join(str(c // 10) if c >= 10 else " " for c in range(L)),
+            " " * 20 + "".join(str(c % 10) for c in range(L))]
+    return head + [f"{q:>4} {labels[q]:<14} |{''.join('#' if m else '.' for m in row)}|"
+                   for q, row in enumerate(mask.tolist())]
+
+
 def show_layout(tok, seq, k, offset, n_regions, seq_len, mtp_id, student=None):
     """The packed layout of one sample as text: the student's input, its attention mask as a
     grid ('#' = the row's query slot may attend the column's key slot), and the teacher's input.
@@ -708,11 +718,7 @@ def show_layout(tok, seq, k, offset, n_regions, seq_len, mtp_id, student=None):
     lines += ["", "2. The attention mask (P.mask): row = query slot, column = key slot, "
               "'#' = may attend.", "   Ground truth sees earlier ground truth only; a mask sees "
               "its prefix and its own span.", ""]
-    lines.append(" " * 20 + "".join(str(c // 10) if c >= 10 else " " for c in range(L)))
-    lines.append(" " * 20 + "".join(str(c % 10) for c in range(L)))
-    for s in range(L):
-        cells = "".join("#" if m else "." for m in P.mask[s].tolist())
-        lines.append(f"{s:>4} {label(idx[s]):<14} |{cells}|")
+    lines += mask_grid(P.mask, [label(i) for i in idx])
     lines += ["", "3. The teacher's input (data.teacher_input) after the student's rollout "
               + ("(the student guesses above)" if student is not None
                  else "(placeholders y'j: no model)") + ":",
