@@ -282,8 +282,12 @@ def main(argv=None):
                 raise DecodeError(f"the longest prompt ({longest} tokens) + --max-new {a.max_new} "
                                   f"exceeds the model's context ({m.cfg.max_seq_len}): lower "
                                   "--max-new or use a shorter --format")
-        # the static cache of --engine graphs: the longest prompt, its output, a pass's masks
-        a.capacity = min(context, longest + a.max_new + 2 * (a.k_max or model.cfg.mtp_k_max or 4))
+        # the static cache of --engine graphs: the longest prompt, then every pass's slots. One
+        # prompt caches its real tokens only; a batch shares slots, and each pass adds the
+        # widest row's new tokens (at most `widest`, one pass per committed token at worst)
+        widest = max(statics + [a.k_max or model.cfg.mtp_k_max or 4])
+        grown = a.max_new if a.batch == 1 else widest * (a.max_new + 1)
+        a.capacity = longest + grown + 2 * widest
         trained = model.cfg.mtp_k_max
         strategies = [(name + " (beyond trained k_max)" if rule.get("static_k", 0) > (trained or 99)
                        else name, m, rule) for name, m, rule in strategies]

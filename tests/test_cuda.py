@@ -76,7 +76,7 @@ def test_cuda_graphs_decode_as_eager():
         for rule in ({"static_k": 1}, {"static_k": 3}, {"tau": 0.0212}, {"tau": 0.0}):
             for verify in (False, True):
                 ref, _ = generate_batch(m, prompts, max_new_tokens=20, verify=verify, **rule)
-                graphs = make_engine(m, len(prompts), "graphs", 64)
+                graphs = make_engine(m, len(prompts), "graphs")       # capacity: the context
                 for _ in range(2):               # the second run replays what the first captured
                     out, _ = generate_batch(m, prompts, max_new_tokens=20, verify=verify,
                                             engine=graphs, **rule)
