@@ -17,7 +17,9 @@ part=${1:?usage: gpu_run.sh part1|part2}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT" runs
 exec > >(tee -a "$OUT/$part.log") 2>&1
-export PYTHONUNBUFFERED=1 MTP_CACHE=$PWD/.gg1/cache
+# a carried folder is gone at the next call: part1's half is kept in /tmp/gg1 (the stash command)
+G1=$PWD/.gg1; [ -f "$G1/part1" ] || G1=/tmp/gg1
+export PYTHONUNBUFFERED=1 MTP_CACHE=$G1/cache
 PY=python3
 T0=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
@@ -82,8 +84,8 @@ if [ "${TINY:-0}" = 1 ]; then
   SMOL=checkpoints/synth-teacher
 else
   step "join and convert the GGUF"
-  if [ ! -f .gg1/part1 ]; then echo "no .gg1/part1: the machine is not the one part1 ran on"; exit 3; fi
-  cat .gg1/part1 .gg2/part2 > /tmp/smol.gguf
+  if [ ! -f "$G1/part1" ]; then echo "no $G1/part1: the machine is not the one part1 ran on"; exit 3; fi
+  cat "$G1/part1" .gg2/part2 > /tmp/smol.gguf
   sha256sum /tmp/smol.gguf
   SMOL=checkpoints/smollm2-135m-instruct
   timeout $(lim 60) $PY convert_gguf.py /tmp/smol.gguf $SMOL | tail -4

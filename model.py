@@ -484,6 +484,15 @@ class Transformer(nn.Module):
     def device(self):
         return self.embed.weight.device
 
+    def _apply(self, fn, recurse=True):
+        """After .to()/.cuda()/.bfloat16(): the RoPE frequencies are fp32 again (a bf16 copy would
+        blur far positions). Made here, once, not in forward: a forward that rebuilt them on the
+        CPU could not be captured in a CUDA graph."""
+        super()._apply(fn, recurse)
+        if self.pos_embed is None and self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+        return self
+
     def forward(self, idx, pos=None, mask=None, cache=None, out_idx=None):
         """
         idx:   (B, T) token ids.
@@ -522,10 +531,7 @@ class Transformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(pos)
         else:
-            inv_freq = self.inv_freq   # kept in fp32: a bf16 copy would blur far positions
-            if inv_freq.dtype != torch.float32:
-                inv_freq = rope_inv_freq(self.cfg).to(idx.device)
-            freqs = pos.unsqueeze(-1).float() * inv_freq          # (B, T, hs/2)
+            freqs = pos.unsqueeze(-1).float() * self.inv_freq     # (B, T, hs/2), fp32 (_apply)
             emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, hs)
             rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
         for i, block in enumerate(self.blocks):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_model
-from model import CheckpointError, KVCache, Transformer
+from model import CheckpointError, KVCache, Transformer, rope_inv_freq
 
 ARCHS = [("gpt2", True, False), ("gpt2", False, False), ("llama", True, True),
          ("llama", False, True), ("llama", True, False), ("qwen2", True, True)]
@@ -90,6 +90,11 @@ def test_bf16_forward_runs():
     m = tiny_model().to(torch.bfloat16)
     out = m(torch.randint(0, 61, (1, 5)))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    # the RoPE frequencies stay the fp32 ones through every dtype move (a forward that rebuilt
+    # them on the CPU broke CUDA-graph capture of bf16 decoding on the GPU)
+    ref = rope_inv_freq(m.cfg)
+    for moved in (m, m.float().to(torch.bfloat16), m.half()):
+        assert moved.inv_freq.dtype == torch.float32 and torch.equal(moved.inv_freq, ref)
 
 
 def test_hf_transformers_loads_our_checkpoint(tmp_path):
