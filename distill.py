@@ -670,6 +670,43 @@ def load_models(cfg, device):
     return student, teacher, tok
 
 
+def interval_record(cfg, acc, step, world, device):
+    """The log record of the steps since the last one, from every rank's statistics, not only
+    rank 0's (a collective: every rank calls this)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if world > 1:
+        packed = torch.cat([torch.tensor([acc["loss"], acc["tokens"]]), acc["conf"],
+                            acc["agree"], acc["count"]]).to(device)
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        acc["loss"], acc["tokens"] = packed[0].item() / world, packed[1].item()
+        acc["conf"], acc["agree"], acc["count"] = packed[2:].split(len(acc["conf"]))
+    dt = time.perf_counter() - acc["t0"]
+    rec = {"step": step, "loss": acc["loss"] / acc["n"], "lr": lr_at(step - 1, cfg),
+           "step_ms": 1000 * dt / acc["n"], "sup_tok_per_s": acc["tokens"] / dt}
+    if not cfg.pretrain:
+        has = acc["count"] > 0
+        rec["conf"] = [round(float(c / n), 4) if h else None
+                       for c, n, h in zip(acc["conf"], acc["count"], has)]
+        rec["agree"] = [round(float(a / n), 4) if h else None
+                        for a, n, h in zip(acc["agree"], acc["count"], has)]
+    return rec
+
+
+def write_log(rec, cfg, eta, log):
+    """One record: a line or two on stdout, one line in log.jsonl."""
+    line = (f"step {rec['step']}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+            f"{rec['step_ms']:.0f} ms/step | {rec['sup_tok_per_s']:.0f} sup tok/s | "
+            f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
+    if "agree" in rec:
+        fmt = lambda xs: " ".join("-" if x is None else f"{x:.2f}" for x in xs)
+        line += f"\n    conf@j {fmt(rec['conf'])} | agree@j {fmt(rec['agree'])}"
+    print(line, flush=True)
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+
+
 def save_run(cfg, raw, opt, tok, log, step, stream, rng, world, master):
     """Checkpoint (every rank calls this: DDP compares the ranks' weights, FSDP gathers them)."""
     same = None
@@ -787,35 +824,10 @@ def train(cfg):
         acc["n"] += 1
 
         if step % cfg.log_every == 0 or step == cfg.steps:
-            if cuda:
-                torch.cuda.synchronize()
-            if world > 1:  # every rank's statistics, not only rank 0's
-                packed = torch.cat([torch.tensor([acc["loss"], acc["tokens"]]), acc["conf"],
-                                    acc["agree"], acc["count"]]).to(device)
-                dist.all_reduce(packed)
-                packed = packed.cpu()
-                acc["loss"], acc["tokens"] = packed[0].item() / world, packed[1].item()
-                acc["conf"], acc["agree"], acc["count"] = packed[2:].split(K)
-            dt = time.perf_counter() - acc["t0"]
-            rec = {"step": step, "loss": acc["loss"] / acc["n"], "lr": lr_at(step - 1, cfg),
-                   "step_ms": 1000 * dt / acc["n"], "sup_tok_per_s": acc["tokens"] / dt}
-            if not cfg.pretrain:
-                has = acc["count"] > 0
-                rec["conf"] = [round(float(c / n), 4) if h else None
-                               for c, n, h in zip(acc["conf"], acc["count"], has)]
-                rec["agree"] = [round(float(a / n), 4) if h else None
-                                for a, n, h in zip(acc["agree"], acc["count"], has)]
+            rec = interval_record(cfg, acc, step, world, device)
             if master:
                 eta = (time.perf_counter() - t_start) / (step - start_step) * (cfg.steps - step)
-                line = (f"step {step}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                        f"{rec['step_ms']:.0f} ms/step | {rec['sup_tok_per_s']:.0f} sup tok/s | "
-                        f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
-                if "agree" in rec:
-                    fmt = lambda xs: " ".join("-" if x is None else f"{x:.2f}" for x in xs)
-                    line += f"\n    conf@j {fmt(rec['conf'])} | agree@j {fmt(rec['agree'])}"
-                print(line, flush=True)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                write_log(rec, cfg, eta, log)
             acc = fresh()
 
         if step % cfg.save_every == 0 or step == cfg.steps:

@@ -25,8 +25,11 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
 
 def fsdp_args(init, out, *extra):
+    """A few steps at a large constant lr: each step moves weights by ~1e-3 (AdamW), so a wrong
+    gradient shows far above the ~1e-7 that reduction order alone leaves."""
     return ["--init", init, "--out", str(out), "--k", "4", "--seq-len", "64", "--step-tokens", "512",
-            "--log-every", "1", "--save-every", "2", "--cooldown", "0", "--threads", "1", *extra]
+            "--log-every", "1", "--save-every", "2", "--lr", "1e-3", "--warmup", "1", "--cooldown", "0",
+            "--threads", "1", *extra]
 
 
 def two_processes(args, port):
