@@ -617,9 +617,11 @@ def gather_for_saving(raw, opt, cfg):
 
 
 def load_resume_state(cfg, device):
-    """--resume: (train_state.pt's contents, the student from the checkpoint's weights)."""
+    """--resume: (train_state.pt's contents, the student from the checkpoint's weights, its path).
+    The file is memory-mapped: under FSDP the ranks share the page cache's one copy of it."""
     ck = latest_checkpoint(cfg.out)
-    state = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False)
+    state = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False,
+                       mmap=True)
     if state.get("fsdp", False) != cfg.fsdp:
         flag = "with" if state.get("fsdp", False) else "without"
         raise ConfigError(f"{ck} was written {flag} --fsdp (its optimizer state is laid out for "
