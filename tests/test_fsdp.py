@@ -4,6 +4,7 @@ model's own parameter count and autograd's own record of what a block saves."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -32,11 +33,18 @@ def fsdp_args(init, out, *extra):
             "--threads", "1", *extra]
 
 
-def two_processes(args, port):
+def free_port():
+    """A port nobody listens on now (a fixed one clashes with a suite running beside this one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(args):
     """`torchrun --nproc_per_node 2 distill.py ARGS` without torchrun's supervisor process (one
     torch import fewer per run): the same environment variables, set here."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "distill.py"), *args],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -62,7 +70,7 @@ def weights(path):
 def fsdp_run(tiny_init, tmp_path_factory):
     """4 steps on 2 processes with --fsdp, 4 sequences each per micro-batch (checkpoints at 2, 4)."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    two_processes(fsdp_args(tiny_init, out, "--fsdp", "--micro-batch", "4", "--steps", "4"), 29541)
+    two_processes(fsdp_args(tiny_init, out, "--fsdp", "--micro-batch", "4", "--steps", "4"))
     return out
 
 
@@ -86,11 +94,9 @@ def test_fsdp_on_two_processes_equals_one_process(tiny_init, fsdp_run, tmp_path)
 def test_a_killed_fsdp_run_resumes_to_the_same_weights(tiny_init, fsdp_run, tmp_path):
     """Stopped at its step-2 checkpoint, resumed to step 4 == fsdp_run's 4 uninterrupted steps,
     bit for bit. Both halves also run --grad-ckpt, which must not change a single bit either."""
-    out = tmp_path / "run"
-    two_processes(fsdp_args(tiny_init, out, "--fsdp", "--grad-ckpt", "--micro-batch", "4", "--steps", "2"),
-             29542)
-    two_processes(fsdp_args(tiny_init, out, "--fsdp", "--grad-ckpt", "--micro-batch", "4", "--steps", "4",
-                       "--resume"), 29543)
+    out, flags = tmp_path / "run", ("--fsdp", "--grad-ckpt", "--micro-batch", "4")
+    two_processes(fsdp_args(tiny_init, out, *flags, "--steps", "2"))
+    two_processes(fsdp_args(tiny_init, out, *flags, "--steps", "4", "--resume"))
     a, b = weights(fsdp_run / "ckpt"), weights(out / "ckpt")
     for name in a:
         assert torch.equal(a[name], b[name]), name
