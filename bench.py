@@ -29,8 +29,9 @@ import torch
 
 from data import (TokenizerError, extract_flexible, extract_strict, gold_answer, gsm8k,
                   load_dataset, load_tokenizer, plain_prompt, same_number)
-from decode import DecodeError, PassTimer, check_request, generate_batch
-from model import CheckpointError, Transformer
+from decode import (DecodeError, PassTimer, check_request, generate_batch, load_for_decoding,
+                    make_engine, resolve_device)
+from model import CheckpointError
 
 # -----------------------------------------------------------------------------
 # Prompts: zero-shot Q/A for our own models, chat, or the paper's few-shot chain of thought
@@ -94,19 +95,41 @@ def teacher_nll(teacher, prompt_ids, out_ids):
     return float(nll.sum()), len(out_ids)
 
 
-def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, progress):
+def first_difference(a, b):
+    """Index of the first token where two outputs differ (the shorter length if one is a prefix
+    of the other), None if they are the same."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def fidelity(outputs, reference):
+    """How many outputs are token-identical to the reference (the same model's static k=1), and
+    the mean index of the first differing token over those that are not."""
+    diffs = [first_difference(o, r) for o, r in zip(outputs, reference, strict=True)]
+    differ = [d for d in diffs if d is not None]
+    return {"same_as_k1": 1 - len(differ) / len(diffs),
+            "first_diff": statistics.mean(differ) if differ else None}
+
+
+def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, progress, engines):
     timer = PassTimer(model.device)
     flex, strict, eff_k, nll, n_tok = [], [], [], 0.0, 0
     tokens, wall_ms, step_ms, steps = 0, 0.0, 0.0, 0
-    samples = []
+    samples, outputs, confirmed, rejected = [], [], 0, 0
     stop_fn = None
     if args.format == "fewshot":
         stop_fn = lambda ids: "Q:" in tok.decode(ids[-8:])
     for start in range(0, len(problems), args.batch):
         batch = problems[start:start + args.batch]
         prompts = [prompter(row["question"]) for row in batch]
+        key = (id(model), len(prompts))           # one engine (cache, CUDA graphs) per shape
+        if key not in engines:
+            engines[key] = make_engine(model, len(prompts), args.engine, args.capacity)
         outs, st = generate_batch(model, prompts, max_new_tokens=args.max_new,
-                                  stop_ids=tok.stop_ids, stop_fn=stop_fn, timer=timer, **rule)
+                                  stop_ids=tok.stop_ids, stop_fn=stop_fn, timer=timer,
+                                  engine=engines[key], **rule)
+        outputs += outs
         tokens += st["tokens"]
         wall_ms += st["wall_ms"]
         step_ms += sum(st["ms"][1:])           # decoding passes; the first one is the prefill
@@ -117,6 +140,7 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
             flex.append(float(same_number(extract_flexible(text), gold)))
             strict.append(float(same_number(extract_strict(text), gold)))
             eff_k.append(rs["effective_k"])
+            confirmed, rejected = confirmed + rs["confirmed"], rejected + rs["rejected"]
             if teacher is not None:
                 kept = tok.encode(text) if text != tok.decode(out) else out
                 s, n = teacher_nll(teacher, ids, kept)
@@ -132,6 +156,7 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
             "eff_k_std": statistics.pstdev(eff_k), "tokens": tokens, "decode_s": wall_s,
             "ms_per_pass": step_ms / max(1, steps), "tokens_per_s": tokens / wall_s,
             "teacher_nll": nll / n_tok if n_tok else None, "samples": samples,
+            "confirmed": confirmed, "rejected": rejected, "outputs": outputs,
             "correct": [int(c) for c in flex]}        # per problem, in order: which ones flip
 
 
@@ -141,15 +166,18 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
 
 def table(results, header):
     lines = [header, "",
-             "| strategy | accuracy (flex) | strict | effective k | ms/pass | tokens/s | wall-clock speedup | teacher NLL |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| strategy | accuracy (flex) | strict | effective k | ms/pass | tokens/s | "
+             "wall-clock speedup | teacher NLL | same as k=1 | first diff |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         nll = f"{r['teacher_nll']:.3f}" if r.get("teacher_nll") is not None else "-"
+        same = f"{100 * r['same_as_k1']:.1f}%" if r.get("same_as_k1") is not None else "-"
+        diff = f"{r['first_diff']:.1f}" if r.get("first_diff") is not None else "-"
         lines.append(f"| {r['strategy']} | {100 * r['acc']:.1f} ± {100 * r['acc_se']:.1f} | "
                      f"{100 * r['strict']:.1f} ± {100 * r['strict_se']:.1f} | "
                      f"{r['eff_k']:.2f} ± {r['eff_k_std']:.2f} | {r['ms_per_pass']:.2f} | "
                      f"{r['tokens_per_s']:.1f} | "
-                     f"{r['speedup']:.2f}x | {nll} |")
+                     f"{r['speedup']:.2f}x | {nll} | {same} | {diff} |")
     return "\n".join(lines) + "\n"
 
 
@@ -162,7 +190,7 @@ def pareto_plot(results, path):
         print("matplotlib is not installed: no Pareto plot (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for group, marker in (("static", "s"), ("ConfAdapt", "o"), ("baseline", "*")):
+    for group, marker in (("static", "s"), ("ConfAdapt", "o"), ("verified", "^"), ("baseline", "*")):
         pts = [r for r in results if r["strategy"].startswith(group)]
         if pts:
             ax.plot([r["eff_k"] for r in pts], [100 * r["acc"] for r in pts], marker=marker,
@@ -199,11 +227,21 @@ def main(argv=None):
                         "after the longest prompt if that is less)")
     p.add_argument("--batch", type=int, default=1,
                    help="problems decoded together, one forward pass per step for all of them")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-verified", action="store_true",
+                   help="skip the verified rows (static k_max and every tau, output == static k=1)")
+    p.add_argument("--lean", action="store_true",
+                   help="add a lean row (candidates follow recent acceptance) after each ConfAdapt row")
+    p.add_argument("--device", default="auto", help="auto (the GPU if there is one) | cpu | cuda")
+    p.add_argument("--dtype", default="fp32",
+                   help="fp32 | bf16 (bf16: a wide pass and a one-token pass round differently, so "
+                        "near-tie tokens can flip; verified rows then only warn when they differ)")
+    p.add_argument("--engine", default="eager",
+                   help="eager | graphs (CUDA graphs) | compile (torch.compile + CUDA graphs)")
     p.add_argument("--out", default=None, help="output prefix (default: bench_<data> in the ckpt's parent)")
     a = p.parse_args(argv)
     try:
-        model = Transformer.from_pretrained(a.ckpt, device=a.device).eval()
+        a.device = resolve_device(a.device)
+        model = load_for_decoding(a.ckpt, a.device, a.dtype)
         tok = load_tokenizer(a.ckpt)
         path = a.data if a.data.endswith(".jsonl") else None
         if a.limit < 1 or a.batch < 1 or (a.max_new is not None and a.max_new < 1):
@@ -211,11 +249,26 @@ def main(argv=None):
         problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path, a.limit)
         a.format = a.format if a.format != "auto" else ("fewshot" if a.data == "gsm8k" else "qa")
         prompter = make_prompter(a.format, tok)
-        teacher = Transformer.from_pretrained(a.teacher, device=a.device).eval() if a.teacher else None
-        baseline = Transformer.from_pretrained(a.baseline, device=a.device).eval() if a.baseline else None
-        strategies = [(f"static k={k}", model, {"static_k": int(k)}) for k in a.static.split(",") if k]
-        strategies += [(f"ConfAdapt tau={t}", model, {"tau": float(t), "k_max": a.k_max})
-                       for t in a.taus.split(",") if t]
+        teacher = load_for_decoding(a.teacher, a.device) if a.teacher else None   # fp32: the judge
+        baseline = load_for_decoding(a.baseline, a.device, a.dtype) if a.baseline else None
+        statics = sorted({1} | {int(k) for k in a.static.split(",") if k})   # k=1: the reference
+        taus = [float(t) for t in a.taus.split(",") if t]
+        strategies = [(f"static k={k}", model, {"static_k": k}) for k in statics]
+        for t in taus:
+            rule = {"tau": t, "k_max": a.k_max}
+            strategies.append((f"ConfAdapt tau={t}", model, rule))
+            if a.lean:
+                strategies.append((f"ConfAdapt tau={t}, lean", model, {**rule, "lean": True}))
+        if not a.no_verified and model.cfg.mtp_token_id is not None:
+            k_max = a.k_max or model.cfg.mtp_k_max or 4
+            strategies.append((f"verified static k={k_max}", model,
+                               {"static_k": k_max, "verify": True}))
+            for t in taus:
+                rule = {"tau": t, "k_max": a.k_max, "verify": True}
+                strategies.append((f"verified ConfAdapt tau={t}", model, rule))
+                if a.lean:
+                    strategies.append((f"verified ConfAdapt tau={t}, lean", model,
+                                       {**rule, "lean": True}))
         if baseline is not None:
             strategies.insert(0, ("baseline k=1 (step 0)", baseline, {"static_k": 1}))
         for name, m, rule in strategies:        # bad settings fail now, not after an hour
@@ -229,6 +282,8 @@ def main(argv=None):
                 raise DecodeError(f"the longest prompt ({longest} tokens) + --max-new {a.max_new} "
                                   f"exceeds the model's context ({m.cfg.max_seq_len}): lower "
                                   "--max-new or use a shorter --format")
+        # the static cache of --engine graphs: the longest prompt, its output, a pass's masks
+        a.capacity = min(context, longest + a.max_new + 2 * (a.k_max or model.cfg.mtp_k_max or 4))
         trained = model.cfg.mtp_k_max
         strategies = [(name + " (beyond trained k_max)" if rule.get("static_k", 0) > (trained or 99)
                        else name, m, rule) for name, m, rule in strategies]
@@ -237,6 +292,7 @@ def main(argv=None):
         sys.exit(2)
 
     # warm-up, discarded: the first passes pay for allocation and kernel selection
+    engines = {}
     generate_batch(model, [prompter(row["question"]) for row in problems[:a.batch]],
                    max_new_tokens=16, static_k=1)
     total = len(strategies) * len(problems)
@@ -255,24 +311,29 @@ def main(argv=None):
                     f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
             print("\r" + line + "   " if tty else line, end="" if tty else "\n",
                   file=sys.stderr, flush=True)
-        results.append(run_strategy(name, m, tok, problems, prompter, rule, a, teacher, progress))
+        results.append(run_strategy(name, m, tok, problems, prompter, rule, a, teacher, progress,
+                                    engines))
     if tty:
         print(file=sys.stderr)
-    k1 = next((r for r in results if r["strategy"] == "static k=1"), None)
-    for r in results:
-        r["speedup"] = r["tokens_per_s"] / k1["tokens_per_s"] if k1 else float("nan")
+    k1 = next(r for r in results if r["strategy"] == "static k=1")
+    for r, (_, m, _) in zip(results, strategies):
+        r["speedup"] = r["tokens_per_s"] / k1["tokens_per_s"]
+        if m is model:                  # fidelity: against the same model's own k=1 output
+            r.update(fidelity(r["outputs"], k1["outputs"]))
 
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else \
         f"CPU ({torch.get_num_threads()} threads)"
     header = (f"{a.data}, {len(problems)} problems, format {a.format}, checkpoint {a.ckpt}, "
-              f"device {device}, batch {a.batch}, greedy")
+              f"device {device}, {a.dtype}, engine {a.engine}, batch {a.batch}, greedy")
     md = table(results, header)
     print(md)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), f"bench_{os.path.basename(a.data)}")
     with open(out + ".md", "w") as f:
         f.write(md)
     with open(out + ".json", "w") as f:
-        json.dump({"header": header, "args": vars(a), "results": results}, f, indent=1)
+        json.dump({"header": header, "args": vars(a),    # outputs: big, and only for fidelity
+                   "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results]},
+                  f, indent=1)
     print(f"wrote {out}.md and {out}.json")
     pareto_plot(results, out + ".png")
     best = max((r for r in results if r["strategy"].startswith("ConfAdapt")),
@@ -281,6 +342,16 @@ def main(argv=None):
                       "results": {r["strategy"]: [round(r["acc"], 4), round(r["eff_k"], 3),
                                                   round(r["speedup"], 3)] for r in results},
                       "max_confadapt_eff_k": best and round(best["eff_k"], 3)}))
+    # verified decoding promises static k=1's output: a difference is a bug (in fp32; in bf16 a
+    # wide pass and a one-token pass may round a near tie differently)
+    broken = [r for r in results if r["strategy"].startswith("verified") and r["same_as_k1"] < 1]
+    for r in broken:
+        n = round((1 - r["same_as_k1"]) * r["n"])
+        line = (f"{r['strategy']}: {n} of {r['n']} outputs differ from static k=1 (first at token "
+                f"{r['first_diff']:.1f} on average)")
+        print(("warning (bf16): " if a.dtype == "bf16" else "error: ") + line, file=sys.stderr)
+    if broken and a.dtype != "bf16":
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,22 @@ Tokenizers (all through tiktoken), datasets, and the MTP packer.
     batch = pack(seqs, k=4, offset=3, n_regions=5, seq_len=160, mtp_id=..., eos_id=...)
 
 The `<MTP>` id belongs to the model (config.json's mtp_token_id), never to the tokenizer.
+
+See the packed training layout (tokens, position ids, supervised slots and their targets, the
+attention mask as a grid, then the teacher's input), printed by the functions distill.py trains with:
+
+    python data.py --show-layout                               # k=3, 2 regions, 16 tokens
+    python data.py --show-layout --k 4 --regions 3 --seq-len 24 --offset 5 --problem 7
+    python data.py --show-layout --text "Q: 2 + 3?\nA: 5"       # a short text: EOS padding
+    python data.py --show-layout --student runs/mtp-synth/ckpt  # the rollout of a real student
 """
+import argparse
 import base64
 import json
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 
 import regex  # a dependency of tiktoken: the \p{L} classes of its patterns
@@ -513,8 +523,10 @@ class Packed:
     sup     (M, k)  packed indices of each region's supervised positions: x_p, then its masks
     length  (B,)    ground-truth tokens of each row in the window, its EOS included
     valid   (B, M)  the region exists in this row (its prefix ends before the row's EOS)
-    targets (B, M, k) ground-truth next tokens, EOS past the end (-1 where unknown: truncated)
-    past_eos (B, M, k) the target lies past the row's EOS (its target is EOS in every mode)
+    targets (B, M, k) ground-truth next tokens, read from the whole sample (the last region's
+                    targets may lie past the N-token window), EOS past the sample's EOS, -1
+                    where unknown (a sample cut without an EOS, past its last token)
+    past_eos (B, M, k) the target lies past the sample's EOS (its target is EOS in every mode)
     """
     idx: torch.Tensor
     pos: torch.Tensor
@@ -565,7 +577,10 @@ def pack(seqs, k, offset, n_regions, seq_len, mtp_id, eos_id):
 
     Rows longer than seq_len are cut; shorter ones are padded with EOS (positions past a row's
     EOS are never supervised). Region r is dropped in a row whose EOS comes at or before p_r, and
-    the first region whose k targets reach the EOS is the row's last.
+    the first region whose k targets reach the EOS is the row's last. The model sees only the
+    first seq_len tokens, but targets come from the whole sample: the last region's span can
+    reach up to k-1 tokens past the window, and a sample whose EOS falls there still gets its
+    real tokens, then EOS (METHOD.md: "its span targets past EOS are EOS").
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -583,23 +598,25 @@ def pack(seqs, k, offset, n_regions, seq_len, mtp_id, eos_id):
     ahead = ends_t[:, None] + torch.arange(1, k + 1)        # (M, k) ground-truth index of each target
     length = torch.zeros(B, dtype=torch.long)
     for b, full in enumerate(seqs):
-        s = list(full[:seq_len])
-        # a sample's EOS is its LAST token (chat formats also use that token inside the prompt);
-        # a short sample without one ends where its EOS padding starts; a cut one has none
-        eos_at = len(full) - 1 if full[-1] == eos_id else len(full)
-        if eos_at >= seq_len:
-            eos_at = None
-        row = torch.tensor(s + [eos_id] * (seq_len - len(s)))
-        idx[b, gt_slot] = row
-        length[b] = seq_len if eos_at is None else eos_at + 1
+        # a sample's EOS is its LAST token (chat formats also use that token inside the prompt),
+        # wherever it falls, inside the window or past it; a short sample without one ends
+        # where its EOS padding starts; a sample cut without one has none
+        full = list(full)
+        if full[-1] == eos_id:
+            eos_at = len(full) - 1
+        else:
+            eos_at = len(full) if len(full) < seq_len else None
+        whole = torch.tensor(full + [eos_id] * (seq_len - len(full)))   # >= seq_len tokens
+        idx[b, gt_slot] = whole[:seq_len]
+        length[b] = seq_len if eos_at is None else min(eos_at + 1, seq_len)
         valid[b] = ends_t < (seq_len if eos_at is None else eos_at)   # x_p comes before the EOS
         if eos_at is not None:
             reach = ends_t + k >= eos_at                     # this region's targets reach the EOS
             first = int(reach.nonzero()[0]) if reach.any() else M
             valid[b, first + 1:] = False
             past_eos[b] = ahead > eos_at
-        known = ahead < len(s)
-        targets[b][known] = row[ahead[known]]
+        known = ahead < len(whole)
+        targets[b][known] = whole[ahead[known]]
         targets[b][past_eos[b]] = eos_id
     return Packed(idx, pos, mask, gt_slot, sup, length, valid, targets, past_eos)
 
@@ -622,3 +639,160 @@ def synthetic_tokenizer(vocab_size=512):
     (deterministic, so it can always be rebuilt; saved with every checkpoint anyway)."""
     texts = [plain_prompt(r["question"]) + " " + r["answer"] for r in synthetic_problems(3000, seed=0)]
     return Tokenizer(train_bpe(texts, vocab_size, name="synth-bpe"), eos="<|endoftext|>")
+
+
+# -----------------------------------------------------------------------------
+# Showing the packed layout: every cell printed comes from pack / teacher_input /
+# distill.supervised_weight, the functions the training loop calls
+
+SHOW_DEFAULT_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                      "checkpoints", "synth-teacher")
+
+
+def token_label(tok, i, mtp_id):
+    """A token as printable ASCII: <MTP>, <EOS>, or the repr of its text."""
+    if i == mtp_id:
+        return "<MTP>"
+    if i == tok.eos_id:
+        return "<EOS>"
+    return ascii(tok.decode([i]))
+
+
+def student_rollout(student, P):
+    """(B, M, k) the student's argmax at every supervised position, <MTP> never an output
+    (what distill.mtp_step computes before the teacher pass)."""
+    B, (M, k) = P.idx.size(0), P.sup.shape
+    with torch.no_grad():
+        logits = student(P.idx, pos=P.pos, mask=P.mask, out_idx=P.sup.reshape(1, M * k).expand(B, -1))
+    logits[..., student.cfg.mtp_token_id] = -torch.inf
+    return logits.argmax(-1).view(B, M, k)
+
+
+def mask_grid(mask, labels):
+    """An (L, L) attention mask as lines of text: a row per query slot (its number and label),
+    '#' in the column of each key slot it may attend, '.' elsewhere; two lines number the columns."""
+    L = mask.size(0)
+    head = [" " * 20 + "".join(str(c // 10) if c >= 10 else " " for c in range(L)),
+            " " * 20 + "".join(str(c % 10) for c in range(L))]
+    return head + [f"{q:>4} {labels[q]:<14} |{''.join('#' if m else '.' for m in row)}|"
+                   for q, row in enumerate(mask.tolist())]
+
+
+def show_layout(tok, seq, k, offset, n_regions, seq_len, mtp_id, student=None):
+    """The packed layout of one sample as text: the student's input, its attention mask as a
+    grid ('#' = the row's query slot may attend the column's key slot), and the teacher's input.
+    Without a student the rollout is placeholders y'1..y'k (ids -1..-k, never real tokens)."""
+    from distill import TrainConfig, supervised_weight   # distill imports data: import late
+    P = pack([seq], k, offset, n_regions, seq_len, mtp_id, tok.eos_id)
+    weight = supervised_weight(P, TrainConfig(k=max(k, 2), seq_len=seq_len, regions=n_regions))
+    ends = region_ends(seq_len, n_regions, offset)
+    L = P.pos.numel()
+    # what each supervised slot is: (region r, j): its logits predict y'_j
+    sup_of = {int(P.sup[r, j]): (r, j) for r in range(n_regions) for j in range(k)}
+    mask_of = {int(P.sup[r, j]): r for r in range(n_regions) for j in range(1, k)}
+    if student is None:
+        rollout = -torch.arange(1, k + 1).expand(1, n_regions, k)          # y'1..y'k
+    else:
+        rollout = student_rollout(student, P)
+    t_idx = teacher_input(P, rollout)
+
+    def label(i):
+        return f"y'{-i}" if i < 0 else token_label(tok, i, mtp_id)
+
+    idx = P.idx[0].tolist()
+    lines = [f"Packed layout: k={k}, {n_regions} regions in {seq_len} ground-truth tokens, "
+             f"offset {offset}: prefixes end at x_p, p = {', '.join(map(str, ends))}",
+             f"{L} packed slots = {seq_len} ground-truth tokens + {n_regions} x {k - 1} <MTP> "
+             f"(id {mtp_id}); the sample: {len(seq)} tokens, " +
+             (f"cut at {seq_len} (no EOS in the window)" if len(seq) > seq_len else
+              f"EOS at x_{len(seq) - 1}" + (", then EOS padding" if len(seq) < seq_len else "")),
+             "", "1. The student's input (data.pack). pos = position id. A supervised slot of "
+             "region r predicts", "   y'j with weight w (distill.supervised_weight) and "
+             "ground-truth target x_(p+j) (P.targets;", "   --teacher hard trains toward the "
+             "teacher's argmax there instead, -1 = past the window).", "",
+             f"slot  pos     id  {'token':<12}  {'kind':<9}  supervised"]
+    for s in range(L):
+        kind = f"r{mask_of[s]} mask" if s in mask_of else "truth"
+        row = f"{s:>4}  {int(P.pos[s]):>3}  {idx[s]:>5}  {label(idx[s]):<12}  {kind:<9}"
+        if s in sup_of:
+            r, j = sup_of[s]
+            t = int(P.targets[0, r, j])
+            row += f"  r{r} y'{j + 1} w={float(weight[0, r, j]):.0f} target {t}"
+            row += f" {label(t)}" if t >= 0 else ""
+            if student is not None:
+                row += f" | student guess {label(int(rollout[0, r, j]))}"
+        lines.append(row.rstrip())
+    lines += ["", "2. The attention mask (P.mask): row = query slot, column = key slot, "
+              "'#' = may attend.", "   Ground truth sees earlier ground truth only; a mask sees "
+              "its prefix and its own span.", ""]
+    lines += mask_grid(P.mask, [label(i) for i in idx])
+    lines += ["", "3. The teacher's input (data.teacher_input) after the student's rollout "
+              + ("(the student guesses above)" if student is not None
+                 else "(placeholders y'j: no model)") + ":",
+              "   each region's masks hold the student's y'1..y'(k-1); same pos, same mask "
+              "(mtp_step passes P.mask).", "   The teacher's logits at a supervised slot score "
+              "the student's next token y'j.", "", f"slot  pos     id  {'token':<12}  scores"]
+    t_list = t_idx[0].tolist()
+    for s in range(L):
+        row = f"{s:>4}  {int(P.pos[s]):>3}  {t_list[s]:>5}  {label(t_list[s]):<12}"
+        if s in sup_of:
+            r, j = sup_of[s]
+            row += f"  r{r} y'{j + 1}"
+        lines.append(row.rstrip())
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Print the packed MTP training layout of one sample",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--show-layout", action="store_true", help="print the layout (the only mode)")
+    p.add_argument("--k", type=int, default=3, help="tokens per region: x_p and k-1 <MTP>")
+    p.add_argument("--regions", type=int, default=2, help="MTP regions in the sequence (M)")
+    p.add_argument("--offset", type=int, default=3, help="where the first region's prefix ends")
+    p.add_argument("--seq-len", type=int, default=16, help="ground-truth tokens shown (N)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--problem", type=int, default=0, help="this synthetic training problem")
+    src.add_argument("--text", help="this text instead (EOS appended)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer: a checkpoint dir, 'gpt2' or a "
+                   "file (default: --student's, else the embedded teacher's)")
+    p.add_argument("--student", help="take the rollout from this checkpoint's argmax (one "
+                   "without <MTP> gets it added, as at step 0); default: placeholders")
+    a = p.parse_args(argv)
+    try:
+        if not a.show_layout:
+            raise DataError("nothing to do: pass --show-layout")
+        if a.k < 1 or a.regions < 1 or a.seq_len < 1:
+            raise DataError("--k, --regions and --seq-len must be >= 1")
+        if a.seq_len + a.regions * (a.k - 1) > 100:
+            raise DataError("the grid prints one character per packed slot: keep --seq-len + "
+                            "--regions * (k - 1) <= 100")
+        if a.problem < 0:
+            raise DataError(f"--problem must be >= 0 (got {a.problem})")
+        if a.text is not None and not a.text:
+            raise DataError("--text is empty: give some text")
+        student = None
+        if a.student:
+            from model import CheckpointError, Transformer
+            try:
+                student = Transformer.from_pretrained(a.student).eval()
+            except (CheckpointError, FileNotFoundError) as e:
+                raise DataError(f"--student: {e}") from None
+            if student.cfg.mtp_token_id is None:
+                student.add_mtp_token()
+        tok = load_tokenizer(a.tokenizer or a.student or SHOW_DEFAULT_TOKENIZER)
+        mtp_id = student.cfg.mtp_token_id if student is not None else tok.n_vocab
+        if a.text is not None:
+            seq = tok.encode(a.text) + [tok.eos_id]
+        else:
+            seq = sample_ids(tok, synthetic_problems(a.problem + 1, seed=0)[a.problem])
+        if max(seq) >= mtp_id:
+            raise DataError(f"the tokenizer gives ids up to {max(seq)}, but the student's <MTP> "
+                            f"is id {mtp_id}: use the student's own tokenizer (drop --tokenizer)")
+        print(show_layout(tok, seq, a.k, a.offset, a.regions, a.seq_len, mtp_id, student))
+    except (DataError, TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

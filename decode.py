@@ -3,16 +3,22 @@ Multi-token decoding from an MTP checkpoint with a KV cache (METHOD.md, "Inferen
 
     python decode.py --ckpt runs/mtp-synth/ckpt --prompt "Ava has 12 apples. ..." --tau 0.9 --viz
     python decode.py --ckpt DIR --prompt "..." --static-k 3
-    python decode.py --ckpt DIR --prompt "..." --tau 0.9 --viz-html chunks.html --device cuda
+    python decode.py --ckpt DIR --prompt "..." --tau 0.9 --verify      # output == static k=1
+    python decode.py --ckpt DIR --prompt "..." --tau 0.9 --viz-html chunks.html --device cuda \
+        --dtype bf16 --engine graphs
 
 Each step feeds the newly accepted tokens plus k_max-1 <MTP> tokens, reads k_max candidates from
 one forward pass, accepts a leading run of them (static k, or ConfAdapt: all top-1 probabilities
 above tau), and pops the <MTP> entries from the cache; accepted tokens enter the cache as inputs of
 the next step, so after every step the cache holds real tokens only. generate_batch decodes
 several prompts in one forward per step; the cache then also holds padding that no one attends to.
+With --verify the tokens accepted from <MTP> slots are provisional until the next pass confirms
+them (METHOD.md, "Verified mode"); --lean reads fewer candidates where few are accepted. On a GPU,
+--engine graphs replays each pass from a CUDA graph over a static cache.
 """
 import argparse
 import html
+import statistics
 import sys
 import time
 from collections import Counter
@@ -103,28 +109,30 @@ def check_request(model, prompt_ids, static_k, tau, k_max):
     return n
 
 
-def step_layout(new, n_real, n_row, mtp):
-    """The input of one batched pass: each row's new tokens right-padded to the widest row, then
-    n-1 <MTP> slots (a row that reads n_b < n candidates pads the rest).
+def step_layout(new, n_real, n_masks, n_reads, mtp):
+    """The input of one batched pass: each row's new tokens right-padded to the widest row (W),
+    then the row's <MTP> slots (a row with fewer than the most pads the rest).
 
     new: B token tensors (empty for a finished row); n_real: real tokens each row has cached;
-    n_row: candidates each row reads (0 if finished). Returns idx and pos (B, T), is_new (B, W)
-    (the slots that stay in the cache as real tokens), real (B, T) (the slots that are not
-    padding) and out_idx (B, n): where each row's candidates are read, its last new token and
-    then its masks.
+    n_masks: <MTP> slots each row reads; n_reads: how many of its last new tokens each row reads
+    logits at (1: only the last, whose prediction is the first candidate; verified decoding also
+    reads at its provisional tokens). Returns idx and pos (B, T), is_new (B, W) (the slots that
+    stay in the cache as real tokens), real (B, T) (the slots that are not padding) and out_idx
+    (B, R + M): where each row's logits are read, its last R new tokens, then its masks.
     """
     B, device = len(new), new[0].device
-    W, n = max(len(x) for x in new), max(n_row)
+    W, M, R = max(len(x) for x in new), max(n_masks), max(n_reads)
     lens = torch.tensor([len(x) for x in new], device=device)[:, None]       # (B, 1)
     start = torch.tensor(n_real, device=device)[:, None]
-    col = torch.arange(W + n - 1, device=device)[None]                         # (1, T)
+    col = torch.arange(W + M, device=device)[None]                             # (1, T)
     is_new = col < lens
-    is_mask = (col >= W) & (col < W + torch.tensor(n_row, device=device)[:, None] - 1)
+    is_mask = (col >= W) & (col < W + torch.tensor(n_masks, device=device)[:, None])
     # each row's positions continue its own real tokens; its masks follow its last new token
     pos = torch.where(is_new, start + col, torch.where(is_mask, start + lens + col - W, 0))
     idx = torch.cat([torch.nn.utils.rnn.pad_sequence(new, batch_first=True),   # pad id 0
-                     torch.full((B, n - 1), mtp if n > 1 else 0, device=device)], 1)
-    out_idx = torch.cat([(lens - 1).clamp(min=0), col[:, W:].expand(B, -1)], 1)
+                     torch.full((B, M), mtp if M else 0, device=device)], 1)
+    reads = (lens - R + torch.arange(R, device=device)[None]).clamp(min=0)     # (B, R)
+    out_idx = torch.cat([reads, col[:, W:].expand(B, -1)], 1)
     return idx, pos, is_new[:, :W], is_new | is_mask, out_idx
 
 
@@ -140,20 +148,145 @@ def step_mask(cached, real):
     return torch.cat([old, fresh], -1)
 
 
+# -----------------------------------------------------------------------------
+# Forward engines: how one pass runs. Eager is the reference; CudaGraphs replays captured passes
+
+
+class Eager:
+    """The model with a growing KVCache: any shape, any device."""
+
+    def __init__(self, model, batch):
+        self.model, self.batch = model, batch
+        self.reset()
+
+    def reset(self):
+        """An empty cache for the next batch of prompts."""
+        self.cache = KVCache()
+
+    def __call__(self, idx, pos, mask, out_idx):
+        return self.model(idx, pos=pos, mask=mask, cache=self.cache, out_idx=out_idx)
+
+
+class CudaGraphs:
+    """Decoding passes replayed from CUDA graphs over a static KVCache (model.KVCache.static).
+
+    A pass of T tokens reading n logits per row is captured once per (T, n) and replayed after
+    that: one launch instead of a few hundred small kernels, which is what a small model at a
+    small batch is bound by on a GPU. Inputs are copied into the graph's own tensors first. The
+    prefill (a long, once-per-prompt shape) runs uncaptured on the same cache. compile=True
+    captures torch.compile'd passes instead of eager ones. graphs=False runs the very same
+    static-cache passes uncaptured: the layout check on a machine without a GPU.
+    """
+
+    def __init__(self, model, batch, capacity, graphs=True, compile=False):
+        cfg = model.cfg
+        self.model, self.capacity, self.batch = model, capacity, batch
+        self.graphs = graphs and model.device.type == "cuda"
+        self.cache = KVCache.static(cfg, batch, capacity, model.embed.weight.dtype, model.device)
+        self.fn = torch.compile(model, dynamic=False) if compile else model
+        self.captured = {}              # (T, n) -> (graph, static inputs, static logits)
+
+    def reset(self):
+        """Empty the cache (its stale slots are masked out); captured graphs stay valid."""
+        self.cache.length = 0
+
+    def _pass(self, idx, pos, mask, write_at, out_idx):
+        self.cache.write_at = write_at
+        return self.fn(idx, pos=pos, mask=mask, cache=self.cache, out_idx=out_idx)
+
+    def __call__(self, idx, pos, mask, out_idx):
+        B, T = idx.shape
+        L, device = len(self.cache), idx.device
+        if L + T > self.capacity:
+            raise DecodeError(f"the static cache holds {self.capacity} slots; this pass needs {L + T}")
+        if pos is None:                                   # no padding: positions continue the cache
+            pos = torch.arange(L, L + T, device=device).expand(B, T)
+        slot = torch.arange(self.capacity, device=device)
+        if mask is None:                                  # causal over the real slots
+            mask = (slot[None, :] <= L + torch.arange(T, device=device)[:, None]).expand(B, T, -1)
+        else:                                             # (B, T, L + T) -> (B, T, capacity)
+            mask = torch.nn.functional.pad(mask, (0, self.capacity - mask.size(-1)))
+        write_at = slot[L:L + T]
+        if not self.graphs or T > 64:                     # the prefill: run it as it comes
+            self.cache.write_at = write_at
+            logits = self.model(idx, pos=pos, mask=mask, cache=self.cache, out_idx=out_idx)
+        else:
+            key = (T, out_idx.size(1))
+            if key not in self.captured:
+                self.captured[key] = self._capture(idx, pos, mask, write_at, out_idx)
+            graph, inputs, logits = self.captured[key]
+            for buf, x in zip(inputs, (idx, pos, mask, write_at, out_idx)):
+                buf.copy_(x)
+            graph.replay()
+        self.cache.length = L + T
+        return logits
+
+    def _capture(self, *inputs):
+        inputs = [x.clone() for x in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                     # warm-up (and compilation) off-graph;
+            for _ in range(2):                            # it writes the same k/v the replay will
+                self._pass(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._pass(*inputs)
+        return graph, inputs, logits
+
+
+def make_engine(model, batch, engine="eager", capacity=None):
+    """engine: eager | graphs (CUDA graphs) | compile (torch.compile + CUDA graphs) | static
+    (the graphs' static-cache layout, uncaptured: for checking it on the CPU)."""
+    if engine == "eager":
+        return Eager(model, batch)
+    if engine not in ("graphs", "compile", "static"):
+        raise DecodeError(f"unknown engine {engine!r}: eager, graphs, compile or static")
+    if engine != "static" and model.device.type != "cuda":
+        raise DecodeError(f"engine {engine!r} needs a CUDA device; use eager (or static) on the CPU")
+    return CudaGraphs(model, batch, capacity or model.cfg.max_seq_len,
+                      graphs=engine != "static", compile=engine == "compile")
+
+
+# -----------------------------------------------------------------------------
+# Generation: prefill and every later pass are the same forward, for a batch of prompts
+
+
+def next_slots(slots, take, n_max):
+    """Leaner passes: how many candidates a row reads next, from what it accepted this pass.
+
+    Reading k_max candidates costs k_max-1 <MTP> slots even when the row accepts one token. A row
+    that accepted all it read doubles its reads (up to n_max); one that stopped short reads one
+    more than it accepted (at least 2, so it can grow again). Confident stretches ramp up in a
+    pass or two; hesitant ones stop paying for slots they would not accept.
+    """
+    return min(n_max, 2 * slots) if take >= slots else min(n_max, max(2, take + 1))
+
+
 @torch.no_grad()
 def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, k_max=None,
-                   stop_ids=(), stop_fn=None, timer=None):
-    """Greedy multi-token generation from several prompts at once: one forward per step for all
+                   stop_ids=(), stop_fn=None, timer=None, verify=False, lean=False,
+                   engine="eager"):
+    """Greedy multi-token generation from several prompts at once: one forward per pass for all
     of them, each row accepting its own number of tokens.
 
     static_k: accept exactly k tokens per pass; tau: ConfAdapt(tau) over k_max candidates
     (k_max from the checkpoint's config, `mtp_k_max`, unless given). stop_fn(ids) -> bool ends a
-    row after a pass (e.g. a stop string in the text). Returns (new token ids per prompt,
-    stats): passes (forwards of the batch), tokens (all rows), the time of each forward (ms),
-    their sum (forward_ms), the whole call's wall time (wall_ms, which tokens_per_s uses), and
-    rows: per prompt its passes, tokens, effective_k, per-pass accepted counts and top-1
-    confidences, its real cached tokens before each pass's accepted ones (cache_lens), stopped
-    and context_full.
+    row after a pass (e.g. a stop string in the text).
+    verify: tokens accepted from <MTP> slots are provisional. The next pass feeds them anyway and
+    reads the model's own next-token prediction at each; the longest prefix those predictions
+    confirm is committed, and at the first disagreement the model's own token is committed
+    instead, the rest is dropped from the cache, and that pass's candidates (read after a wrong
+    token) are thrown away. The output is then the model's greedy k=1 output, token for token.
+    lean: each row reads as many candidates as its recent acceptance suggests (next_slots).
+    engine: a make_engine name, or a ready engine object (one per batch shape).
+
+    Returns (new token ids per prompt, stats): passes (forwards of the batch), tokens (all rows),
+    the time of each forward (ms), their sum (forward_ms), the whole call's wall time (wall_ms,
+    which tokens_per_s uses), and rows: per prompt its passes, tokens, effective_k (committed
+    tokens per pass), per-pass committed counts (accepted) and top-1 confidences of the
+    candidates, its real cached tokens after each pass (cache_lens), provisional tokens confirmed
+    and rejected, stopped and context_full.
 
     All rows share one KVCache. A row's shorter input leaves padding slots in it, which the mask
     hides from everyone: every non-pad slot of a row is a real token of that row. A finished row
@@ -165,73 +298,123 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
     if max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     t_start = time.perf_counter()
-    device, mtp, B = model.device, model.cfg.mtp_token_id, len(prompts)
+    device, mtp, B, ctx = model.device, model.cfg.mtp_token_id, len(prompts), model.cfg.max_seq_len
     timer = timer or PassTimer(device)
-    cache = KVCache()
+    run = make_engine(model, B, engine) if isinstance(engine, str) else engine
+    if run.batch != B:
+        raise DecodeError(f"this engine was made for batches of {run.batch}, not {B}")
+    run.reset()
+    cache = run.cache
     cached = torch.zeros(B, 0, dtype=torch.bool, device=device)  # (B, L): slot is a real token
-    new = [torch.tensor(p, device=device) for p in prompts]  # tokens entering the cache; empty: done
-    n_real = [0] * B                                         # real tokens each row has cached
+    new = [list(p) for p in prompts]       # tokens entering the cache next pass; the last `pending`
+    pending = [0] * B                      # of them are provisional (verify); the others committed
+    n_real = [0] * B                       # real tokens each row has cached
+    slots = [n_cand] * B                   # candidates each row reads (lean: adapts)
     outs = [[] for _ in range(B)]
-    rows = [{"accepted": [], "confidences": [], "cache_lens": [], "context_full": False}
-            for _ in range(B)]
-    stops, passes = set(stop_ids), 0
+    rows = [{"accepted": [], "confidences": [], "cache_lens": [], "confirmed": 0, "rejected": 0,
+             "context_full": False, "stopped": False} for _ in range(B)]
+    stops, passes, done = set(stop_ids), 0, [False] * B
     while True:
-        n_row = []                                 # candidates each row reads; 0: finished
+        # --- plan: how many candidates each row reads (0: it only verifies its provisional run)
+        n_read = [0] * B
         for b in range(B):
-            room = model.cfg.max_seq_len - n_real[b] - len(new[b])  # context left for candidates
-            n_b = min(n_cand, room, max_new_tokens - len(outs[b]))
-            if len(new[b]) and n_b < 1:                              # the context is full
-                rows[b]["context_full"], new[b] = True, new[b][:0]
-            n_row.append(n_b if len(new[b]) else 0)
-        if not any(n_row):
+            if done[b]:
+                continue
+            room = ctx - n_real[b] - len(new[b])          # every emitted token fits the context
+            left = max_new_tokens - len(outs[b]) - pending[b]
+            stop_pending = pending[b] and new[b][-1] in stops
+            n_read[b] = max(0, min(slots[b], room, left, 0 if stop_pending else n_cand))
+            if not new[b] or (n_read[b] == 0 and not pending[b]):
+                done[b] = True
+                rows[b]["context_full"] = room < 1 and left > 0 and not rows[b]["stopped"]
+        active = [b for b in range(B) if not done[b]]
+        if not active:
             break
+        masks = [max(0, n - 1) for n in n_read]           # <MTP> slots of each row
+        reads = [pending[b] + 1 if not done[b] else 1 for b in range(B)]
+        R = max(reads)
+
+        # --- one forward pass for every row
         if B == 1:   # nothing to pad: skip the layout, whose small ops cost ~10% of a tiny pass
-            w, n = len(new[0]), n_row[0]
-            idx = torch.cat([new[0], torch.full((n - 1,), mtp if n > 1 else 0, device=device)])[None]
+            w, m = len(new[0]), masks[0]
+            idx = torch.tensor(new[0] + [mtp] * m, device=device)[None]
+            out_idx = torch.arange(w - R, w + m, device=device)[None]
             with timer:
-                logits = model(idx, cache=cache, out_idx=torch.arange(w - 1, w + n - 1,
-                                                                      device=device)[None])
-            cache.truncate(len(cache) - (n - 1))                     # pop the <MTP> slots
+                logits = run(idx, None, None, out_idx)                # (1, R + m, V)
         else:
-            idx, pos, is_new, real, out_idx = step_layout(new, n_real, n_row, mtp)
+            idx, pos, is_new, real, out_idx = step_layout(
+                [torch.tensor(x, device=device, dtype=torch.long) for x in new], n_real, masks,
+                reads, mtp)
             padded = not (real.all() and cached.all())
             # no padding: the model's own causal mask and positions
             mask, pos = (step_mask(cached, real), pos) if padded else (None, None)
             with timer:
-                logits = model(idx, pos=pos, mask=mask, cache=cache, out_idx=out_idx)  # (B, n, V)
-            cache.truncate(cached.size(1) + is_new.size(1))         # pop the <MTP> slots
-            cached = torch.cat([cached, is_new], 1)
+                logits = run(idx, pos, mask, out_idx)                 # (B, R + M, V)
         passes += 1
         if mtp is not None:
             logits[..., mtp] = -torch.inf                            # <MTP> is never an output
-        conf, cand = logits.float().softmax(-1).max(-1)              # (B, n), (B, n)
-        # the acceptance rule, applied to each row's own n_b candidates
-        take = (accept_static(conf, static_k) if static_k is not None
-                else accept_confadapt(conf, tau))
-        take = take.clamp(max=torch.tensor(n_row, device=device)).tolist()
+        conf, cand = logits.float().softmax(-1).max(-1)              # (B, R + M)
+        # the acceptance rule, on each row's candidates: the prediction at its last new token,
+        # then its masks' (columns R-1 on)
+        first = conf[:, R - 1:]
+        take = (accept_static(first, static_k) if static_k is not None
+                else accept_confadapt(first, tau)).tolist()
         conf_l, cand_l = conf.tolist(), cand.tolist()
-        for b in range(B):
-            if not n_row[b]:
-                continue
-            n_real[b] += len(new[b])
-            chunk = cand_l[b][:take[b]]
-            hit = next((i for i, t in enumerate(chunk) if t in stops), None)
-            if hit is not None:                                      # a stop token: trim after it
-                chunk = chunk[:hit + 1]
-            outs[b] += chunk
-            rows[b]["accepted"].append(len(chunk))
-            rows[b]["confidences"].append([round(c, 4) for c in conf_l[b][:n_row[b]]])
+
+        # --- commit: per row, what this pass confirmed, corrected and proposed
+        kept = [0] * B                                    # new tokens that stay in the cache
+        for b in active:
+            w, p = len(new[b]), pending[b]
+            guess = cand_l[b][R - 1 - p:R - 1]            # the model's own token after each
+            r = 0                                         # provisional token's predecessor
+            while r < p and new[b][w - p + r] == guess[r]:
+                r += 1
+            committed, fresh, proposed = new[b][w - p:w - p + r], [], []
+            cands = cand_l[b][R - 1:R - 1 + n_read[b]]
+            if r < p:          # the first disagreement: the model's token; the rest is dropped
+                fresh, kept[b] = [guess[r]], w - p + r
+            elif n_read[b]:
+                chunk, kept[b] = cands[:min(take[b], n_read[b])], w
+                fresh, proposed = (chunk[:1], chunk[1:]) if verify else (chunk, [])
+                if lean:
+                    slots[b] = next_slots(n_read[b], len(chunk), n_cand)
+            else:
+                kept[b] = w
+            rows[b]["confirmed"] += r
+            rows[b]["rejected"] += p - r
+            committed += fresh
+            hit = next((i for i, t in enumerate(committed) if t in stops), None)
+            if hit is not None:                           # a committed stop token: trim after it
+                committed, proposed = committed[:hit + 1], []
+            else:                                         # a provisional one is verified first
+                hit = next((i for i, t in enumerate(proposed) if t in stops), None)
+                proposed = proposed if hit is None else proposed[:hit + 1]
+            committed = committed[:max_new_tokens - len(outs[b])]
+            outs[b] += committed
+            rows[b]["accepted"].append(len(committed))
+            rows[b]["confidences"].append([round(c, 4) for c in conf_l[b][R - 1:R - 1 + n_read[b]]])
+            n_real[b] += kept[b]
             rows[b]["cache_lens"].append(n_real[b])
-            done = (hit is not None or len(outs[b]) >= max_new_tokens
-                    or (stop_fn is not None and stop_fn(outs[b])))
-            new[b] = cand[b, :0 if done else len(chunk)]
+            rows[b]["stopped"] = bool(outs[b]) and outs[b][-1] in stops
+            if (rows[b]["stopped"] or len(outs[b]) >= max_new_tokens
+                    or (stop_fn is not None and stop_fn(outs[b]))):
+                done[b], proposed = True, []
+            new[b], pending[b] = ([], 0) if done[b] else (fresh + proposed, len(proposed))
+
+        # --- pop: the <MTP> slots, and rejected provisional tokens, leave the cache
+        if B == 1:
+            cache.truncate(n_real[0])
+        else:
+            W = is_new.size(1)
+            cache.truncate(cached.size(1) + W)
+            keep = torch.arange(W, device=device)[None] < torch.tensor(kept, device=device)[:, None]
+            cached = torch.cat([cached, keep], 1)
     ms = timer.times()[-passes:]   # synchronizes on CUDA; passes >= 1: every prompt has room
     wall = 1000 * (time.perf_counter() - t_start)      # everything: forwards, softmax, accept
     for out, r in zip(outs, rows):
         r.update(passes=len(r["accepted"]), tokens=len(out),
                  effective_k=len(out) / max(1, len(r["accepted"])),
-                 histogram=dict(sorted(Counter(r["accepted"]).items())),
-                 stopped=bool(out) and out[-1] in stops)
+                 histogram=dict(sorted(Counter(r["accepted"]).items())))
     tokens = sum(len(out) for out in outs)
     stats = {"passes": passes, "tokens": tokens, "ms": ms, "forward_ms": sum(ms), "wall_ms": wall,
              "tokens_per_s": 1000 * tokens / wall, "rows": rows}
@@ -239,15 +422,15 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
 
 
 def generate(model, prompt_ids, max_new_tokens=256, static_k=None, tau=None, k_max=None,
-             stop_ids=(), stop_fn=None, timer=None):
+             stop_ids=(), stop_fn=None, timer=None, verify=False, lean=False, engine="eager"):
     """Greedy multi-token generation from one prompt: generate_batch with a batch of one.
 
     Returns (new token ids, stats): the batch's timing stats (passes, ms, forward_ms, wall_ms,
     tokens_per_s) and the row's (tokens, effective_k, accepted, histogram, confidences,
-    cache_lens, stopped, context_full) in one dict.
+    cache_lens, confirmed, rejected, stopped, context_full) in one dict.
     """
     outs, st = generate_batch(model, [prompt_ids], max_new_tokens, static_k, tau, k_max,
-                              stop_ids, stop_fn, timer)
+                              stop_ids, stop_fn, timer, verify, lean, engine)
     return outs[0], {**st.pop("rows")[0], **st}
 
 
@@ -285,6 +468,31 @@ def viz_html(pieces, title):
 # CLI
 
 
+def resolve_device(name):
+    """auto: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DecodeError(f"--device {name}: no CUDA device is visible; use --device cpu or auto")
+    return name
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_for_decoding(path, device, dtype="fp32"):
+    """A checkpoint as the decoders run it: eval mode, on `device`, weights in `dtype`."""
+    if dtype not in DTYPES:
+        raise DecodeError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    return Transformer.from_pretrained(path, device=device, dtype=DTYPES[dtype]).eval()
+
+
+def median_tokens_per_s(fn, repeats):
+    """Median tokens/s of `repeats` runs of fn() -> stats: one run is at the mercy of whatever
+    else the machine does (one of them printed k=1 at 2.74x itself on a busy machine)."""
+    return statistics.median(fn()["tokens_per_s"] for _ in range(repeats))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Multi-token decoding from an MTP checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint directory (HF layout + tokenizer)")
@@ -293,16 +501,28 @@ def main(argv=None):
     rule.add_argument("--tau", type=float, help="ConfAdapt threshold (default 0.9)")
     rule.add_argument("--static-k", type=int, help="accept exactly k tokens per pass")
     p.add_argument("--k-max", type=int, help="candidates per pass for ConfAdapt (default: the checkpoint's)")
+    p.add_argument("--verify", action="store_true",
+                   help="verified: the next pass checks every token accepted from an <MTP> slot, "
+                        "so the output is exactly static k=1's")
+    p.add_argument("--lean", action="store_true",
+                   help="read as many candidates per pass as recent passes accepted, not k_max")
     p.add_argument("--max-new", type=int, default=256, help="most new tokens")
     p.add_argument("--format", choices=["auto", "qa", "chat", "raw"], default="auto",
                    help="auto: the tokenizer's chat format if it has one, else 'Q: ...\\nA:'")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--viz", action="store_true", help="colour each pass's chunk by its size")
+    p.add_argument("--device", default="auto", help="auto (the GPU if there is one) | cpu | cuda")
+    p.add_argument("--dtype", default="fp32", help="weights and activations: fp32 | bf16")
+    p.add_argument("--engine", default="eager",
+                   help="eager | graphs (CUDA graphs) | compile (torch.compile + CUDA graphs)")
+    p.add_argument("--viz", action="store_true", help="colour each pass's committed chunk by its size")
     p.add_argument("--viz-html", help="write the coloured chunks to this HTML file")
-    p.add_argument("--no-baseline", action="store_true", help="skip the k=1 run for the speedup")
+    p.add_argument("--repeats", type=int, default=5, help="runs timed for the speedup (median)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the k=1 runs for the speedup")
     a = p.parse_args(argv)
     try:
-        model = Transformer.from_pretrained(a.ckpt, device=a.device).eval()
+        if a.repeats < 1 or a.max_new < 1:
+            raise DecodeError("--repeats and --max-new must be >= 1")
+        a.device = resolve_device(a.device)
+        model = load_for_decoding(a.ckpt, a.device, a.dtype)
         tok = load_tokenizer(a.ckpt)
         fmt = a.format if a.format != "auto" else ("chat" if tok.chat else "qa")
         if fmt == "chat" and not tok.chat:
@@ -312,21 +532,29 @@ def main(argv=None):
         rule = {"static_k": a.static_k} if a.static_k is not None \
             else {"tau": 0.9 if a.tau is None else a.tau}
         kw = dict(max_new_tokens=a.max_new, k_max=a.k_max, stop_ids=tok.stop_ids)
-        generate(model, ids, **{**kw, "max_new_tokens": 8}, **rule)            # warm-up, discarded
-        out, st = generate(model, ids, **kw, **rule)
+        capacity = min(model.cfg.max_seq_len, len(ids) + a.max_new + 2 * (model.cfg.mtp_k_max or 4))
+        engine = lambda: make_engine(model, 1, a.engine, capacity)       # a fresh cache per run
+        run = lambda r, **x: generate(model, ids, **kw, **r, **x, engine=engine())[1]
+        generate(model, ids, **{**kw, "max_new_tokens": 8}, **rule, engine=engine())  # warm-up
+        out, st = generate(model, ids, **kw, **rule, verify=a.verify, lean=a.lean, engine=engine())
     except (DecodeError, CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     pieces = chunks(tok, out, st["accepted"])
     print(viz_terminal(pieces) if a.viz else tok.decode(out))
-    name = f"static k={a.static_k}" if a.static_k is not None else f"ConfAdapt tau={rule['tau']}"
+    name = (f"static k={a.static_k}" if a.static_k is not None else f"ConfAdapt tau={rule['tau']}") \
+        + (", verified" if a.verify else "") + (", lean" if a.lean else "")
     print(f"\n[{name}] {st['tokens']} tokens in {st['passes']} passes: effective k "
           f"{st['effective_k']:.2f}, histogram {st['histogram']}, {st['forward_ms'] / st['passes']:.1f} "
-          f"ms/pass, {st['tokens_per_s']:.1f} tokens/s on {a.device}")
-    if not a.no_baseline:
-        _, base = generate(model, ids, static_k=1, **kw)
-        print(f"[static k=1] {base['tokens']} tokens, {base['tokens_per_s']:.1f} tokens/s: "
-              f"wall-clock speedup {st['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+          f"ms/pass, {st['tokens_per_s']:.1f} tokens/s on {a.device} ({a.dtype}, {a.engine})")
+    if a.verify:
+        print(f"verified: {st['confirmed']} provisional tokens confirmed, {st['rejected']} rejected")
+    plain_k1 = a.static_k == 1 and not a.verify and not a.lean
+    if not a.no_baseline and not plain_k1:      # k=1 against itself says nothing
+        ours = median_tokens_per_s(lambda: run(rule, verify=a.verify, lean=a.lean), a.repeats)
+        base = median_tokens_per_s(lambda: run({"static_k": 1}), a.repeats)
+        print(f"[static k=1] median of {a.repeats} runs each: {base:.1f} tokens/s against "
+              f"{ours:.1f}: wall-clock speedup {ours / base:.2f}x")
     if a.viz_html:
         with open(a.viz_html, "w") as f:
             f.write(viz_html(pieces, name))

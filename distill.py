@@ -199,8 +199,10 @@ def supervised_weight(P, cfg):
     return weight * (P.targets >= 0) if cfg.targets == "data" else weight
 
 
-def mtp_step(student, teacher, P, cfg, mtp_id, eos_id, denom):
-    """Student forward -> argmax rollout -> teacher forward on it -> loss (METHOD.md, steps 1-4)."""
+def mtp_step(student, teacher, P, cfg, mtp_id, eos_id, denom, prefix_denom=None):
+    """Student forward -> argmax rollout -> teacher forward on it -> loss (METHOD.md, steps 1-4).
+    denom, prefix_denom: the step's counts (step_denominators); prefix_denom only for --prefix-loss,
+    None = this batch is the whole step."""
     B, (M, k) = P.idx.size(0), P.sup.shape
     sup = P.sup.reshape(1, M * k).expand(B, -1)                       # (B, M*k)
     if cfg.prefix_loss:   # logits everywhere: the ground-truth positions are supervised too
@@ -232,7 +234,7 @@ def mtp_step(student, teacher, P, cfg, mtp_id, eos_id, denom):
             t_probs = F.pad(t_probs, (0, V - t_probs.size(-1)))     # the teacher has no <MTP> column
             loss = soft_kl(logits.view(-1, V), t_probs.view(-1, V), weight.view(-1), denom)
     if cfg.prefix_loss:
-        loss = loss + prefix_ntp_loss(all_logits, P)
+        loss = loss + prefix_ntp_loss(all_logits, P, prefix_denom)
     with torch.no_grad():
         conf = readout.softmax(-1).amax(-1)                           # (B, M, k) top-1 confidence
         agree = (rollout == target).float()
@@ -249,15 +251,41 @@ def ntp_inputs(P):
     return x, (t[None, :] < P.length[:, None]).float()
 
 
-def prefix_ntp_loss(all_logits, P):
-    """Ablation: NTP cross-entropy at every ground-truth position (next ground-truth token)."""
+def prefix_ntp_loss(all_logits, P, denom=None):
+    """Ablation: NTP cross-entropy at every ground-truth position (next ground-truth token).
+
+    denom: the number of such positions in the whole optimizer step (default: in this batch).
+    The prefix term keeps a count of its own rather than joining the MTP positions' count: the
+    ablation ADDS a mean NTP loss to the mean MTP loss. A pooled count would shrink the MTP
+    term by the ~N/(M k) ground-truth positions per row, by a different factor at every k drawn,
+    so the ablation would also reweigh the method's own loss. With one micro-batch per step
+    (the default config) this is the per-batch mean it always was; with several, it no longer
+    grows with their number: every position weighs the same however the step is split."""
     x, real = ntp_inputs(P)
     logits = all_logits[:, P.gt[:-1]]                                 # (B, N-1, V+1)
-    return hard_ce(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), real.reshape(-1))
+    return hard_ce(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), real.reshape(-1),
+                   denom)
 
 
 def ntp_weight(seqs):
     return sum(len(s) - 1 for s in seqs)
+
+
+def step_denominators(micro, cfg, world, device):
+    """(denom, prefix_denom): what the step's losses divide their weighted sums by. Each counts
+    its positions over ALL of the step's micro-batches (every rank's), so every position weighs
+    the same however the step is split: MTP positions (NTP ones with --pretrain), and the
+    ground-truth positions of --prefix-loss (prefix_ntp_loss says why apart)."""
+    if cfg.pretrain:
+        counts = [sum(ntp_weight(b) for b in micro), 0]
+    else:
+        counts = [sum(float(supervised_weight(b, cfg).sum()) for b in micro),
+                  sum(float(ntp_inputs(b)[1].sum()) for b in micro) if cfg.prefix_loss else 0]
+    counts = torch.tensor(counts, dtype=torch.float, device=device)
+    if world > 1:
+        dist.all_reduce(counts)
+    denom, prefix_denom = (counts.clamp(min=1) / world).unbind()   # DDP and FSDP average the
+    return denom, prefix_denom                                     # ranks' gradients: undo 1/world
 
 
 def ntp_step(model, seqs, eos_id, device, denom):
@@ -440,12 +468,13 @@ def plan_shapes(hf):
                         norm_bias=True, qk_norm=False)
         if mt in ("llama", "qwen2", "qwen3"):
             D, nh = hf["hidden_size"], hf["num_attention_heads"]
-            bias = hf.get("attention_bias", mt == "qwen2")
+            bias = hf.get("attention_bias", False)     # as model.Config.from_hf reads the biases
             return dict(D=D, layers=hf["num_hidden_layers"], nh=nh,
                         nkv=hf.get("num_key_value_heads") or nh, hs=hf.get("head_dim") or D // nh,
                         d_ff=hf["intermediate_size"], V=hf["vocab_size"],
                         tied=hf.get("tie_word_embeddings", False), gated=True, positions=0,
-                        qkv_bias=bias, o_bias=bias and mt == "llama", mlp_bias=hf.get("mlp_bias", False),
+                        qkv_bias=mt == "qwen2" or bias, o_bias=mt != "qwen2" and bias,
+                        mlp_bias=mt == "llama" and hf.get("mlp_bias", False),
                         norm_bias=False, qk_norm=mt == "qwen3")     # qwen3: RMSNorm on q and k per head
     except KeyError as e:
         raise ConfigError(f"--plan: config.json has no {e.args[0]!r} field") from None
@@ -469,12 +498,12 @@ def block_activations(s):
     them: each RMSNorm its input, normalised value and output (3 D; LayerNorm: input and output,
     2 D); the whole qkv output (v is a view of it), the rotated q and k (no RoPE in GPT-2: q and k
     are views too), the attention output and the out-projection's copy of it; the MLP's fc output,
-    activation and product (4 d_ff; GPT-2: 2 d_ff). Qwen3's q/k norms add their inputs and outputs.
+    activation and product (4 d_ff; GPT-2: 2 d_ff). Qwen3's q/k norms add their normalised values.
     Assumes a fused attention kernel (SDPA's memory-efficient or flash one, or FlexAttention) that
     keeps no (L, L) score matrix per head; tests/test_fsdp.py checks it against autograd's own count."""
     q, kv, rope = s["nh"] * s["hs"], s["nkv"] * s["hs"], s["gated"]
     norms = (6 if rope else 4) * s["D"]
-    attn = (q + 2 * kv) + (q + kv) * rope + 2 * q + 2 * (q + kv) * s["qk_norm"]
+    attn = (q + 2 * kv) + (q + kv) * rope + 2 * q + (q + kv) * s["qk_norm"]
     return norms + attn + (4 if s["gated"] else 2) * s["d_ff"]
 
 
@@ -789,7 +818,7 @@ def train(cfg):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         # this step's micro-batches, packed up front so the loss can be the mean over ALL of the
-        # step's supervised positions (every rank's): count them first
+        # step's supervised positions (every rank's): count them first (step_denominators)
         micro = []
         for _ in range(accum):
             batch = stream.take(per_fwd)[rank * cfg.micro_batch:(rank + 1) * cfg.micro_batch]
@@ -798,11 +827,7 @@ def train(cfg):
                 k, offset = draw_k_offset(rng, cfg)
                 batch = pack(batch, k, offset, n_regions(cfg), cfg.seq_len, mtp_id, tok.eos_id).to(device)
             micro.append(batch)
-        count = torch.tensor(float(sum(ntp_weight(b) if cfg.pretrain else supervised_weight(b, cfg).sum()
-                                       for b in micro)), device=device)
-        if world > 1:
-            dist.all_reduce(count)
-        denom = count.clamp(min=1) / world      # DDP and FSDP average the ranks' gradients: undo the 1/world
+        denom, prefix_denom = step_denominators(micro, cfg, world, device)
         for i, batch in enumerate(micro):
             # DDP: all-reduce once, after the last micro-batch; FSDP reduce-scatters each one into
             # the sharded gradients (holding unsharded ones across micro-batches costs memory)
@@ -814,7 +839,8 @@ def train(cfg):
                 else:
                     if cfg.attention == "flex":   # one block mask: the layout is the same for every row
                         batch.mask = block_mask(batch.mask)
-                    loss, st = mtp_step(student, teacher, batch, cfg, mtp_id, tok.eos_id, denom)
+                    loss, st = mtp_step(student, teacher, batch, cfg, mtp_id, tok.eos_id, denom,
+                                        prefix_denom)
             loss.backward()
             acc["loss"] += loss.item()
             acc["tokens"] += float(st["tokens"])

@@ -1,5 +1,6 @@
 """
-One decoder for GPT-2 and Llama-family checkpoints, read and written in the Hugging Face layout.
+One decoder for GPT-2 and Llama-family (Llama, Qwen2, Qwen3) checkpoints, read and written in
+the Hugging Face layout.
 
     from model import Transformer, KVCache
     model = Transformer.from_pretrained("path/to/hf_dir")      # config.json + *.safetensors
@@ -30,27 +31,170 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 # -----------------------------------------------------------------------------
 # Config: read from (and written back to) a Hugging Face config.json
 
-ARCHS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+         "qwen3": "Qwen3ForCausalLM"}
 
 
 class CheckpointError(ValueError):
     """A checkpoint or config that cannot be loaded; the message names the problem and the fix."""
 
 
+# Every field of a config.json is either read by Config.from_hf (READ), allowed only at the value
+# this code computes (FIXED), or known not to change the logits (HARMLESS). Any other field is an
+# error: a field we do not understand may change the computation, and ignoring it would load the
+# checkpoint silently wrong (as transformers 5's `rope_parameters` once did).
+HARMLESS = {
+    # bookkeeping
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+    "transformers.js_config", "is_llama_config",
+    # token ids (the tokenizer's business) and what the HF library returns, not what it computes
+    "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
+    "chunk_size_feed_forward",          # runs the MLP in chunks: the same function
+    # training only: weight init, dropout (this code never applies dropout), memory saving
+    "initializer_range", "attention_dropout", "gradient_checkpointing",
+}
+HARMLESS_GPT2 = {
+    "n_ctx",                            # an old alias of n_positions that transformers ignores
+    "attn_pdrop", "embd_pdrop", "resid_pdrop", "output_past", "n_special", "predict_special_tokens",
+    "task_specific_params",             # generation defaults for pipelines
+    # the classification head of GPT2DoubleHeadsModel, not part of the LM
+    "summary_activation", "summary_first_dropout", "summary_proj_to_labels", "summary_type",
+    "summary_use_proj",
+    "reorder_and_upcast_attn",          # precision only: the attention product in fp32
+}
+LLAMA_FAMILY_READ = {"vocab_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "hidden_size", "head_dim", "intermediate_size",
+                     "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                     "rope_theta", "rope_scaling", "rope_parameters"}
+# use_sliding_window is FIXED to off, which makes sliding_window and max_window_layers inert
+QWEN_READ = LLAMA_FAMILY_READ | {"sliding_window", "max_window_layers"}
+READ = {
+    "gpt2": {"vocab_size", "n_layer", "n_head", "n_embd", "n_inner", "n_positions",
+             "layer_norm_epsilon", "tie_word_embeddings"},
+    "llama": LLAMA_FAMILY_READ | {"attention_bias", "mlp_bias"},
+    "qwen2": QWEN_READ,                 # q/k/v biases always, o_proj and MLP never
+    "qwen3": QWEN_READ | {"attention_bias"},
+}
+OURS = {"mtp_token_id", "mtp_k_max"}   # the <MTP> token (add_mtp_token) and distill.py's --k
+
+
+def full_attention_only(layer_types):
+    return layer_types is None or all(t == "full_attention" for t in layer_types)
+
+
+# {field: (accepts(value), what is supported)}: fields whose other values change the computation
+FIXED_ANY = {
+    "final_logit_softcapping": (lambda v: v is None, "none (no logit soft-capping)"),
+    "attn_logit_softcapping": (lambda v: v is None, "none (no attention soft-capping)"),
+    "partial_rotary_factor": (lambda v: v in (None, 1, 1.0), "1.0 (RoPE on the whole head)"),
+    "is_encoder_decoder": (lambda v: not v, "false (decoder-only models)"),
+    "add_cross_attention": (lambda v: not v, "false (no cross-attention)"),
+    "pruned_heads": (lambda v: not v, "none (no pruned heads)"),
+    "quantization_config": (lambda v: False, "none: unquantized safetensors weights only"),
+}
+FIXED_LLAMA_FAMILY = {
+    "hidden_act": (lambda v: v == "silu", "silu (SwiGLU)"),
+    "pretraining_tp": (lambda v: v in (None, 1), "1 (no tensor-parallel slicing of the matmuls)"),
+    "rope_interleaved": (lambda v: not v, "false (HF's rotate-half RoPE)"),
+}
+FIXED_QWEN = {
+    "use_sliding_window": (lambda v: not v, "false (full attention in every layer)"),
+    "layer_types": (full_attention_only, "every layer 'full_attention'"),
+    # our own configs before qwen3 wrote mlp_bias: false for qwen2; transformers' Qwen2 has no
+    # MLP bias whatever the field says, so only false is the same model
+    "mlp_bias": (lambda v: not v, "false (Qwen's MLP has no bias)"),
+}
+FIXED = {
+    "gpt2": {**FIXED_ANY,
+             "activation_function": (lambda v: v in ("gelu_new", "gelu_pytorch_tanh"),
+                                     "gelu_new (GELU, tanh approximation)"),
+             "scale_attn_weights": (lambda v: v is True, "true (scores divided by sqrt(head_dim))"),
+             "scale_attn_by_inverse_layer_idx": (lambda v: not v, "false")},
+    "llama": {**FIXED_ANY, **FIXED_LLAMA_FAMILY},
+    "qwen2": {**FIXED_ANY, **FIXED_LLAMA_FAMILY, **FIXED_QWEN},
+    "qwen3": {**FIXED_ANY, **FIXED_LLAMA_FAMILY, **FIXED_QWEN},
+}
+
+
+def check_fields(d, mt):
+    """Raise CheckpointError for a config.json field that would change the computation."""
+    for name, value in d.items():
+        if name in FIXED[mt]:
+            accepts, supported = FIXED[mt][name]
+            if not accepts(value):
+                raise CheckpointError(f"config.json: {name} = {value!r} is not supported "
+                                      f"(supported: {supported})")
+        elif name not in READ[mt] | OURS | HARMLESS | (HARMLESS_GPT2 if mt == "gpt2" else set()):
+            raise CheckpointError(
+                f"config.json: unknown field {name!r} for model_type {mt!r}; it may change the "
+                "computation, so it is not ignored. If it does not, delete it from config.json")
+
+
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_spec(params, theta):
+    """(rope_type, rope_theta, the other settings) of one spelling of the rope config."""
+    if not isinstance(params, (dict, type(None))):
+        raise CheckpointError(f"config.json: a rope setting is {params!r}, not null or a dict")
+    p = dict(params or {})
+    legacy = p.pop("type", None)                       # the spelling before transformers 4.43
+    rope_type = p.pop("rope_type", legacy or "default")
+    if legacy not in (None, rope_type):
+        raise CheckpointError(f"config.json: rope 'type' and 'rope_type' disagree in {params}")
+    return rope_type, float(p.pop("rope_theta", theta)), p
+
+
+def read_rope(d):
+    """(rope_theta, None or the llama3 scaling dict) from either spelling of the rope config.
+
+    transformers 4 writes `rope_theta` and `rope_scaling` (null or {"rope_type": ..., ...});
+    transformers 5 writes one `rope_parameters` dict that holds rope_theta and rope_type too.
+    A file may hold both (ours do, so that both generations read it): then they must agree.
+    """
+    spellings = {}
+    if d.get("rope_scaling") is not None or "rope_theta" in d:
+        spellings["rope_theta/rope_scaling"] = rope_spec(d.get("rope_scaling"),
+                                                         d.get("rope_theta", 10000.0))
+    if d.get("rope_parameters") is not None:
+        spellings["rope_parameters"] = rope_spec(d["rope_parameters"], d.get("rope_theta", 10000.0))
+    if len(spellings) == 2 and spellings["rope_theta/rope_scaling"] != spellings["rope_parameters"]:
+        raise CheckpointError(f"config.json: rope_theta/rope_scaling and rope_parameters describe "
+                              f"different RoPE ({spellings}); keep the one the model was trained with")
+    where, (rope_type, theta, p) = next(iter(spellings.items()), ("", ("default", 10000.0, {})))
+    if p.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError(f"config.json: {where} partial_rotary_factor = "
+                              f"{p['partial_rotary_factor']} is not supported (supported: 1.0)")
+    p.pop("partial_rotary_factor", None)
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"config.json: {where} rope type {rope_type!r} is not supported "
+                              "(supported: default and llama3)")
+    known = LLAMA3_ROPE if rope_type == "llama3" else ()
+    for name in p:
+        if name not in known:
+            raise CheckpointError(f"config.json: {where} setting {name!r} is not understood for "
+                                  f"rope type {rope_type!r} (understood: {', '.join(known) or 'none'})")
+    missing = [name for name in known if name not in p]
+    if missing:
+        raise CheckpointError(f"config.json: {where} of rope type llama3 lacks {missing[0]!r}")
+    return theta, ({"rope_type": "llama3", **{k: p[k] for k in LLAMA3_ROPE}} if known else None)
+
+
 @dataclass
 class Config:
-    model_type: str = "llama"         # "gpt2" | "llama" | "qwen2" (qwen2 = llama + q/k/v biases)
+    model_type: str = "llama"         # "gpt2" | "llama" | "qwen2" | "qwen3" (see ARCHS)
     vocab_size: int = 512
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int = 4                # < n_head: grouped-query attention
     d_model: int = 128
-    head_dim: int = 32
+    head_dim: int = 32                # qwen3: not d_model / n_head
     d_ff: int = 512
     max_seq_len: int = 1024
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # None or {"rope_type": "llama3", ...}
+    rope_scaling: dict | None = None  # None or {"rope_type": "llama3", ...} (read_rope)
     tie_embeddings: bool = True
     qkv_bias: bool = False
     o_bias: bool = False
@@ -59,39 +203,40 @@ class Config:
     mtp_k_max: int | None = None      # the largest k the student was trained for (distill.py --k)
     hf: dict = field(default_factory=dict, repr=False)  # the original config.json, kept for saving
 
+    @property
+    def qk_norm(self):
+        """qwen3: an RMSNorm over each head's queries and keys, before RoPE."""
+        return self.model_type == "qwen3"
+
     @classmethod
     def from_hf(cls, d):
         mt = d.get("model_type")
+        if mt not in ARCHS:
+            raise CheckpointError(f"unknown model_type {mt!r} in config.json "
+                                  f"(supported: {', '.join(ARCHS)})")
+        check_fields(d, mt)
+        ours = dict(model_type=mt, vocab_size=d["vocab_size"], mtp_token_id=d.get("mtp_token_id"),
+                    mtp_k_max=d.get("mtp_k_max"), hf=d)
         if mt == "gpt2":
             n_embd = d["n_embd"]
-            return cls(model_type="gpt2", vocab_size=d["vocab_size"], n_layer=d["n_layer"],
-                       n_head=d["n_head"], n_kv_head=d["n_head"], d_model=n_embd,
-                       head_dim=n_embd // d["n_head"], d_ff=d.get("n_inner") or 4 * n_embd,
-                       max_seq_len=d["n_positions"], norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            return cls(**ours, n_layer=d["n_layer"], n_head=d["n_head"], n_kv_head=d["n_head"],
+                       d_model=n_embd, head_dim=n_embd // d["n_head"],
+                       d_ff=d.get("n_inner") or 4 * n_embd, max_seq_len=d["n_positions"],
+                       norm_eps=d.get("layer_norm_epsilon", 1e-5),
                        tie_embeddings=d.get("tie_word_embeddings", True), qkv_bias=True,
-                       o_bias=True, mlp_bias=True, mtp_token_id=d.get("mtp_token_id"), mtp_k_max=d.get("mtp_k_max"), hf=d)
-        if mt in ("llama", "qwen2"):
-            n_head = d["num_attention_heads"]
-            scaling = d.get("rope_scaling")
-            rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-            if rope_type not in ("default", "llama3"):
-                raise CheckpointError(f"rope_scaling type {rope_type!r} is not supported "
-                                      "(supported: none/default and llama3)")
-            bias = d.get("attention_bias", mt == "qwen2")
-            return cls(model_type=mt, vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"],
-                       n_head=n_head, n_kv_head=d.get("num_key_value_heads") or n_head,
-                       d_model=d["hidden_size"],
-                       head_dim=d.get("head_dim") or d["hidden_size"] // n_head,
-                       d_ff=d["intermediate_size"],
-                       max_seq_len=d.get("max_position_embeddings", 2048),
-                       norm_eps=d.get("rms_norm_eps", 1e-6),
-                       rope_theta=d.get("rope_theta", 10000.0),
-                       rope_scaling=scaling if rope_type == "llama3" else None,
-                       tie_embeddings=d.get("tie_word_embeddings", False), qkv_bias=bias,
-                       o_bias=bias if mt == "llama" else False, mlp_bias=d.get("mlp_bias", False),
-                       mtp_token_id=d.get("mtp_token_id"), mtp_k_max=d.get("mtp_k_max"), hf=d)
-        raise CheckpointError(f"unknown model_type {mt!r} in config.json "
-                              "(supported: gpt2, llama, qwen2)")
+                       o_bias=True, mlp_bias=True)
+        n_head = d["num_attention_heads"]
+        theta, scaling = read_rope(d)
+        # llama and qwen3: attention_bias puts a bias on q, k, v and o; qwen2: on q, k, v only
+        bias = d.get("attention_bias", False)
+        return cls(**ours, n_layer=d["num_hidden_layers"], n_head=n_head,
+                   n_kv_head=d.get("num_key_value_heads") or n_head, d_model=d["hidden_size"],
+                   head_dim=d.get("head_dim") or d["hidden_size"] // n_head,
+                   d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 2048),
+                   norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                   tie_embeddings=d.get("tie_word_embeddings", False),
+                   qkv_bias=True if mt == "qwen2" else bias, o_bias=False if mt == "qwen2" else bias,
+                   mlp_bias=d.get("mlp_bias", False) if mt == "llama" else False)
 
     def to_hf(self):
         """The config.json dict: the original fields kept, ours updated."""
@@ -101,14 +246,20 @@ class Config:
                      n_head=self.n_head, n_positions=self.max_seq_len, n_inner=self.d_ff,
                      layer_norm_epsilon=self.norm_eps, activation_function="gelu_new")
         else:
+            # RoPE in both spellings, from the same values: transformers 4 reads only rope_theta
+            # and rope_scaling, transformers 5 reads rope_scaling if set, else rope_parameters
+            rope = self.rope_scaling or {"rope_type": "default"}
             d.update(model_type=self.model_type, hidden_size=self.d_model,
                      num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
                      num_key_value_heads=self.n_kv_head, head_dim=self.head_dim,
                      intermediate_size=self.d_ff, max_position_embeddings=self.max_seq_len,
                      rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
-                     rope_scaling=self.rope_scaling, hidden_act="silu", mlp_bias=self.mlp_bias)
+                     rope_scaling=self.rope_scaling,
+                     rope_parameters={**rope, "rope_theta": self.rope_theta}, hidden_act="silu")
             if self.model_type == "llama":
-                d["attention_bias"] = self.qkv_bias
+                d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+            if self.model_type == "qwen3":
+                d.update(attention_bias=self.qkv_bias)
         d.update(architectures=[ARCHS[self.model_type]], vocab_size=self.vocab_size,
                  tie_word_embeddings=self.tie_embeddings)
         for name in ("mtp_token_id", "mtp_k_max"):
@@ -126,19 +277,40 @@ class Config:
 class KVCache:
     """Keys/values of every layer for the tokens seen so far; `truncate(n)` drops the newest.
 
-    Buffers are (B, n_kv_head, capacity, head_dim) per layer and grow by doubling; `length` is
-    the number of real cached positions (the same for every row of the batch).
+    Two layouts. The default grows: buffers (B, n_kv_head, capacity, head_dim) per layer, doubled
+    when full, attention over the `length` real positions. `KVCache.static(...)` has fixed buffers
+    of `capacity` slots written at `write_at` (a device tensor of slot indices set by the caller),
+    and attention spans all `capacity` slots under the caller's mask: nothing about it changes
+    shape or needs the host from one step to the next, which is what a CUDA graph needs
+    (decode.CudaGraphs). `length` is the number of real cached positions (the same for every row).
     """
 
     def __init__(self):
         self.k, self.v = [], []
         self.length = 0
+        self.capacity = None      # None: growing buffers
+        self.write_at = None      # static layout: (T,) slot indices of the tokens being stored
+
+    @classmethod
+    def static(cls, cfg, batch, capacity, dtype, device):
+        """Fixed buffers for `batch` rows and `capacity` slots, allocated up front."""
+        cache = cls()
+        cache.capacity = capacity
+        shape = (batch, cfg.n_kv_head, capacity, cfg.head_dim)
+        cache.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        cache.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        return cache
 
     def __len__(self):
         return self.length
 
     def store(self, layer, k, v):
-        """Write k, v (B, nkv, T, hs) at positions [length, length+T); return the full views."""
+        """Write k, v (B, nkv, T, hs) at positions [length, length+T) (static: at write_at);
+        return the keys and values attention reads: (B, nkv, length+T, hs), static (B, nkv, capacity, hs)."""
+        if self.capacity is not None:
+            self.k[layer].index_copy_(2, self.write_at, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, self.write_at, v.to(self.v[layer].dtype))
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.size(2)
         if layer == len(self.k):                       # first use of this layer
             self.k.append(k.new_empty(0, 0, 0, 0)), self.v.append(v.new_empty(0, 0, 0, 0))
@@ -231,6 +403,8 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hs = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, (self.nh + 2 * self.nkv) * self.hs, bias=cfg.qkv_bias)
         self.proj = nn.Linear(self.nh * self.hs, cfg.d_model, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(self.hs, cfg.norm_eps) if cfg.qk_norm else None   # qwen3
+        self.k_norm = RMSNorm(self.hs, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, rope, mask, causal, cache, layer):
         B, T, _ = x.shape
@@ -238,6 +412,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.nh, self.hs).transpose(1, 2)     # (B, nh, T, hs)
         k = k.view(B, T, self.nkv, self.hs).transpose(1, 2)    # (B, nkv, T, hs)
         v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)
+        if self.q_norm is not None:                             # per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -314,18 +490,25 @@ class Transformer(nn.Module):
         pos:   (B, T) or (T,) position ids; default: continue from the cache (0 without one).
         mask:  (B, T, S) or (T, S) boolean, True = may attend, S = cached + T; default causal;
                or a FlexAttention BlockMask (see block_mask).
-        cache: a KVCache that grows by these T tokens.
+        cache: a KVCache that grows by these T tokens (a static one: pass pos, and a mask over
+               all of its capacity slots, (B, T, capacity)).
         out_idx: (B, n) positions at which to compute logits (default all): saves the vocab
                projection where only a few positions are supervised.
         Returns logits (B, T or n, V).
         """
         B, T = idx.shape
-        past = len(cache) if cache is not None else 0
+        static = cache is not None and cache.capacity is not None
+        if static and (mask is None or pos is None):
+            raise ValueError("a static KVCache needs explicit pos and a (B, T, capacity) mask")
+        # the static cache's length is the caller's business: reading it here would make a
+        # compiled forward depend on it (a recompile every step)
+        past = len(cache) if cache is not None and not static else 0
         if pos is None:
             pos = torch.arange(past, past + T, device=idx.device)
         if pos.dim() == 1:
             pos = pos.unsqueeze(0).expand(B, T)
-        if self.pos_embed is not None and pos.max() >= self.cfg.max_seq_len:
+        if self.pos_embed is not None and not (idx.is_cuda and torch.cuda.is_current_stream_capturing()) \
+                and pos.max() >= self.cfg.max_seq_len:    # (no host sync inside a CUDA graph)
             raise ValueError(f"position {int(pos.max())} is beyond the model's context "
                              f"({self.cfg.max_seq_len})")
         causal = mask is None and past == 0            # the plain causal LM: SDPA's own mask
@@ -347,7 +530,7 @@ class Transformer(nn.Module):
             rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, causal, cache, i)
-        if cache is not None:
+        if cache is not None and not static:
             cache.length = past + T
         x = self.norm(x)
         if out_idx is not None:
@@ -446,7 +629,9 @@ class Transformer(nn.Module):
         os.chmod(tmp, 0o644)          # safetensors creates it owner-only; a checkpoint is shared
         os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
         cfg = self.cfg.to_hf()
-        cfg["torch_dtype"] = str(self.embed.weight.dtype).removeprefix("torch.")
+        # transformers 5 reads "dtype" before "torch_dtype" (4 reads only the latter): write both,
+        # or a stale "dtype" kept from the original config would load an fp32 save as bf16
+        cfg["torch_dtype"] = cfg["dtype"] = str(self.embed.weight.dtype).removeprefix("torch.")
         files = {"config.json": json.dumps(cfg, indent=2) + "\n", **(extra_files or {})}
         for name, text in files.items():
             atomic_write(os.path.join(out_dir, name), text)
@@ -494,6 +679,9 @@ def hf_layout(cfg):
             if cfg.qkv_bias:
                 L[f"{b}.attn.qkv.bias"] = ([n + ".bias" for n in qkv], False)
             L[f"{b}.attn.proj.weight"] = ([f"{h}.self_attn.o_proj.weight"], False)
+            if cfg.qk_norm:
+                L[f"{b}.attn.q_norm.weight"] = ([f"{h}.self_attn.q_norm.weight"], False)
+                L[f"{b}.attn.k_norm.weight"] = ([f"{h}.self_attn.k_norm.weight"], False)
             if cfg.o_bias:
                 L[f"{b}.attn.proj.bias"] = ([f"{h}.self_attn.o_proj.bias"], False)
             fc = [f"{h}.mlp.gate_proj", f"{h}.mlp.up_proj"]

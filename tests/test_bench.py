@@ -46,14 +46,22 @@ def test_bench_runs_every_strategy(tmp_path, capsys):
     res = tiny_bench(tmp_path, out)["results"]
     names = [r["strategy"] for r in res]
     assert names == ["baseline k=1 (step 0)", "static k=1", "static k=2", "ConfAdapt tau=0.9",
-                     "ConfAdapt tau=0.0"]
+                     "ConfAdapt tau=0.0", "verified static k=3", "verified ConfAdapt tau=0.9",
+                     "verified ConfAdapt tau=0.0"]
     by = {r["strategy"]: r for r in res}
     assert by["static k=1"]["speedup"] == 1.0 and by["static k=1"]["eff_k"] == 1.0
     assert by["static k=2"]["eff_k"] == 2.0 and by["ConfAdapt tau=0.0"]["eff_k"] == 3.0
     assert all(r["teacher_nll"] > 0 and r["n"] == 3 for r in res)
     assert all(len(r["correct"]) == 3 and sum(r["correct"]) / 3 == r["acc"] for r in res)
+    # fidelity: k=1 is itself; the random model's 3-token guesses are wrong; verified is exact
+    assert by["static k=1"]["same_as_k1"] == 1.0 and by["static k=1"]["first_diff"] is None
+    assert by["ConfAdapt tau=0.0"]["same_as_k1"] == 0.0 and by["ConfAdapt tau=0.0"]["first_diff"] >= 1
+    for name in ("verified static k=3", "verified ConfAdapt tau=0.0"):
+        assert by[name]["same_as_k1"] == 1.0 and by[name]["acc"] == by["static k=1"]["acc"]
+        assert by[name]["rejected"] > 0 and by[name]["eff_k"] < 3.0
+    assert "same_as_k1" not in by["baseline k=1 (step 0)"]    # another model: no fidelity
     table = open(f"{out}.md").read()
-    assert table.count("\n| ") == 7          # header, rule, 5 strategies
+    assert table.count("\n| ") == 10         # header, rule, 8 strategies
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last)["n"] == 3        # one machine-readable line last
 
@@ -64,6 +72,31 @@ def test_bench_batch_decodes_the_same(tmp_path):
     two = tiny_bench(tmp_path, tmp_path / "b2", "--batch", "2")
     assert "batch 2" in two["header"] and "batch 1" in one["header"]
     for r1, r2 in zip(one["results"], two["results"], strict=True):
-        for key in ("strategy", "acc", "strict", "eff_k", "eff_k_std", "tokens", "samples", "correct"):
-            assert r1[key] == r2[key], key
+        for key in ("strategy", "acc", "strict", "eff_k", "eff_k_std", "tokens", "samples", "correct",
+                    "same_as_k1", "first_diff", "confirmed", "rejected"):
+            assert r1.get(key) == r2.get(key), key
         assert r1["teacher_nll"] == pytest.approx(r2["teacher_nll"], rel=1e-5)
+
+
+def test_first_difference():
+    from bench import first_difference, fidelity
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1 and first_difference([1, 2], [1, 2, 3]) == 2
+    f = fidelity([[1, 2], [3, 4], [5]], [[1, 2], [3, 9], [6]])
+    assert f["same_as_k1"] == pytest.approx(1 / 3) and f["first_diff"] == 0.5
+
+
+def test_bench_fails_when_verified_differs(tmp_path, capsys, monkeypatch):
+    """A verified output that is not static k=1's is a bug: bench says so and exits 2."""
+    import bench
+    real = bench.generate_batch
+
+    def broken(model, prompts, **kw):               # verification that lets a guess through
+        outs, st = real(model, prompts, **kw)
+        if kw.get("verify"):
+            outs = [o[:-1] + [(o[-1] + 1) % 10] for o in outs]
+        return outs, st
+    monkeypatch.setattr(bench, "generate_batch", broken)
+    with pytest.raises(SystemExit) as e:
+        tiny_bench(tmp_path, tmp_path / "res")
+    assert e.value.code == 2 and "outputs differ from static k=1" in capsys.readouterr().err

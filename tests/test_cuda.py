@@ -64,3 +64,23 @@ def test_decoding_on_cuda_equals_the_cpu():
         gpu, _ = generate(m.cuda(), prompt, max_new_tokens=20, **rule)
         m.cpu()
         assert gpu == cpu, rule
+
+
+def test_cuda_graphs_decode_as_eager():
+    """Passes replayed from CUDA graphs over the static cache give eager decoding's tokens, for
+    one prompt and a padded batch, every rule, verified or not (fp32: the same kernels)."""
+    from decode import generate_batch, make_engine
+    prompts = [[59, 15, 1], [58, 30, 41, 27, 18, 40, 33], [53, 18, 5, 40, 45, 51, 43, 10, 54]]
+    for model_type in ("llama", "gpt2"):
+        m = mtp_model(model_type=model_type).cuda()
+        for rule in ({"static_k": 1}, {"static_k": 3}, {"tau": 0.0212}, {"tau": 0.0}):
+            for verify in (False, True):
+                ref, _ = generate_batch(m, prompts, max_new_tokens=20, verify=verify, **rule)
+                graphs = make_engine(m, len(prompts), "graphs", 64)
+                for _ in range(2):               # the second run replays what the first captured
+                    out, _ = generate_batch(m, prompts, max_new_tokens=20, verify=verify,
+                                            engine=graphs, **rule)
+                    assert out == ref, (model_type, rule, verify)
+                one, _ = generate(m, prompts[1], max_new_tokens=20, verify=verify, **rule)
+                assert generate(m, prompts[1], max_new_tokens=20, verify=verify, engine="graphs",
+                                **rule)[0] == one

@@ -165,3 +165,124 @@ def test_cli_errors_are_messages(tmp_path, capsys):
         main(["--ckpt", str(tmp_path), "--prompt", "x", "--tau", "0.5"])
     assert e.value.code == 2
     assert "no tokenizer" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# Verified decoding: the output is the model's own greedy k=1 output, whatever the rule
+
+RULES = [{"static_k": 2}, {"static_k": 3}, {"static_k": 4}, {"tau": 0.0}, {"tau": 0.0212},
+         {"tau": 0.9}, {"tau": 1.0}]
+
+
+def assert_cache_holds_committed(prompt_len, st):
+    """After every pass the cache holds the prompt and committed tokens only: all of them but
+    the pass's last committed token (the next pass's first input) in verified decoding."""
+    committed = 0
+    for n, length in zip(st["accepted"], st["cache_lens"]):
+        committed += n
+        assert length == prompt_len + committed - 1
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_verified_equals_static_k1(model_type):
+    m = mtp_model(model_type=model_type)
+    prompt = [3, 14, 15, 9, 2, 6]
+    ref, _ = generate(m, prompt, max_new_tokens=30, static_k=1)
+    rejected = 0
+    for rule in RULES:
+        for lean in (False, True):
+            out, st = generate(m, prompt, max_new_tokens=30, verify=True, lean=lean, **rule)
+            assert out == ref, (rule, lean)
+            assert sum(st["accepted"]) == 30 and st["passes"] == len(st["accepted"])
+            assert st["effective_k"] == 30 / st["passes"]
+            assert_cache_holds_committed(len(prompt), st)
+            rejected += st["rejected"]
+    assert rejected > 0                         # the random model's guesses were really checked
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_verified_batch_equals_static_k1(model_type):
+    m = mtp_model(model_type=model_type)
+    ref, _ = generate_batch(m, PROMPTS, max_new_tokens=24, static_k=1)
+    for rule in RULES:
+        outs, st = generate_batch(m, PROMPTS, max_new_tokens=24, verify=True, **rule)
+        assert outs == ref, rule
+        for p, row in zip(PROMPTS, st["rows"]):
+            assert_cache_holds_committed(len(p), row)
+        assert_rows_match_single(m, PROMPTS, outs, st, max_new_tokens=24, verify=True, **rule)
+
+
+def test_verified_stop_token_inside_a_provisional_run():
+    """A stop token the model proposes from an <MTP> slot ends the output only once the next
+    pass confirms it; if rejected, decoding goes on exactly as k=1 does."""
+    m = mtp_model()
+    prompt = [7, 7, 7]
+    free, st = generate(m, prompt, max_new_tokens=30, tau=0.0)   # unverified: k_max a pass
+    ref_free, _ = generate(m, prompt, max_new_tokens=30, static_k=1)
+    for stop in {free[5], free[6], ref_free[4], ref_free[9]}:
+        ref, _ = generate(m, prompt, max_new_tokens=30, static_k=1, stop_ids=[stop])
+        for rule in ({"tau": 0.0}, {"static_k": 3}):
+            out, st = generate(m, prompt, max_new_tokens=30, verify=True, stop_ids=[stop], **rule)
+            assert out == ref and st["stopped"] == (stop in ref_free), (stop, rule)
+            outs, _ = generate_batch(m, PROMPTS + [prompt], max_new_tokens=30, verify=True,
+                                     stop_ids=[stop], **rule)
+            refs, _ = generate_batch(m, PROMPTS + [prompt], max_new_tokens=30, static_k=1,
+                                     stop_ids=[stop])
+            assert outs == refs
+
+
+def test_verified_context_filling_up():
+    m = mtp_model(model_type="gpt2")
+    prompts = [[1, 2, 3], list(range(60)) * 2 + [7]]    # 121 tokens of a 128-token context
+    ref, st1 = generate_batch(m, prompts, max_new_tokens=20, static_k=1)
+    assert len(ref[1]) == 7 and st1["rows"][1]["context_full"]
+    for rule in ({"tau": 0.0}, {"static_k": 4}, {"tau": 0.0212}):
+        outs, st = generate_batch(m, prompts, max_new_tokens=20, verify=True, **rule)
+        assert outs == ref and st["rows"][1]["context_full"] and not st["rows"][0]["context_full"]
+        out, _ = generate(m, prompts[1], max_new_tokens=20, verify=True, **rule)
+        assert out == ref[1]
+
+
+def test_cache_holds_committed_tokens_only():
+    """Unverified decoding: after every pass the cache holds the prompt and every emitted token
+    but this pass's chunk, which the next pass feeds (so the <MTP> slots were popped)."""
+    m = mtp_model()
+    prompt = [1, 2, 3, 4, 5]
+    for batch in (False, True):
+        for rule in ({"tau": 0.0}, {"static_k": 3}, {"tau": 0.0212}):
+            if batch:
+                _, st = generate_batch(m, [prompt, [9, 8]], max_new_tokens=30, **rule)
+                st = st["rows"][0]
+            else:
+                _, st = generate(m, prompt, max_new_tokens=30, **rule)
+            emitted = 0
+            for n, length in zip(st["accepted"], st["cache_lens"]):
+                assert length == len(prompt) + emitted     # before this pass's chunk
+                emitted += n
+
+
+def test_lean_reads_follow_acceptance():
+    from decode import next_slots
+    assert next_slots(4, 4, 8) == 8 and next_slots(8, 8, 8) == 8      # all accepted: double
+    assert next_slots(8, 1, 8) == 2 and next_slots(4, 2, 8) == 3      # stopped short: take + 1
+    m = mtp_model()
+    out, st = generate(m, [5, 8, 13, 21], max_new_tokens=24, tau=0.5, lean=True)
+    assert [len(c) for c in st["confidences"][:3]] == [4, 2, 2]      # a random model accepts 1
+
+
+def test_static_engine_equals_eager():
+    """The CUDA-graph engine's static cache layout, run uncaptured on the CPU, decodes the same."""
+    for model_type in ("llama", "gpt2"):
+        m = mtp_model(model_type=model_type)
+        for rule in ({"static_k": 1}, {"tau": 0.0212}, {"static_k": 3}):
+            for verify in (False, True):
+                a, _ = generate_batch(m, PROMPTS, max_new_tokens=20, verify=verify, **rule)
+                b, _ = generate_batch(m, PROMPTS, max_new_tokens=20, verify=verify,
+                                      engine="static", **rule)
+                assert a == b
+                a, _ = generate(m, PROMPTS[1], max_new_tokens=20, verify=verify, **rule)
+                b, _ = generate(m, PROMPTS[1], max_new_tokens=20, verify=verify, engine="static",
+                                **rule)
+                assert a == b
+    with pytest.raises(DecodeError, match="needs a CUDA device"):
+        generate(m, [1, 2], static_k=1, engine="graphs")

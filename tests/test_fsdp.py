@@ -151,7 +151,8 @@ def test_grad_ckpt_leaves_loss_and_gradients_unchanged_and_saves_less(tiny_init)
 
 
 @pytest.mark.parametrize("kw", [{}, {"tie": False}, {"model_type": "qwen2"}, {"model_type": "gpt2"},
-                                {"gqa": False, "mlp_bias": True}])
+                                {"gqa": False, "mlp_bias": True}, {"model_type": "qwen3"},
+                                {"model_type": "qwen3", "qkv_bias": True, "o_bias": True}])
 def test_plan_counts_parameters_as_the_model_has_them(kw):
     cfg = tiny_config(**kw)
     model = Transformer(cfg)
@@ -194,7 +195,7 @@ def test_plan_errors(tmp_path, capsys):
     assert_exits(main, ["--init", str(tmp_path), "--nproc", "4"], "only describe the machine", capsys)
 
 
-@pytest.mark.parametrize("kw", [{}, {"model_type": "gpt2"}, {"model_type": "qwen2"},
+@pytest.mark.parametrize("kw", [{}, {"model_type": "gpt2"}, {"model_type": "qwen2"}, {"model_type": "qwen3"},
                                 {"d_model": 64, "d_ff": 160, "n_head": 8, "head_dim": 8}])
 def test_plan_block_activations_match_what_autograd_saves(kw):
     """The per-token count of block_activations against the distinct tensors a block's forward

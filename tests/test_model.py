@@ -136,8 +136,9 @@ def test_loader_errors(tmp_path):
             {"model.extra.weight": torch.zeros(2)})))
     with pytest.raises(CheckpointError, match="embed.weight has shape"):
         Transformer.from_pretrained(variant("shape", lambda c: c.update(vocab_size=70)))
-    with pytest.raises(CheckpointError, match="rope_scaling type 'yarn'"):
-        Transformer.from_pretrained(variant("rope", lambda c: c.update(rope_scaling={"rope_type": "yarn"})))
+    with pytest.raises(CheckpointError, match="rope type 'yarn' is not supported"):
+        Transformer.from_pretrained(variant("rope", lambda c: c.update(
+            rope_scaling={"rope_type": "yarn", "factor": 4.0}, rope_parameters=None)))
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text((good / "config.json").read_text())

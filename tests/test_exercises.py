@@ -1,0 +1,49 @@
+"""Checks for the course exercises (README, "For courses") that the other test files leave open:
+each fails on a plausible wrong reimplementation (README names the bug each one catches)."""
+import torch
+
+from data import load_tokenizer, plain_prompt, synthetic_problems
+from decode import accept_confadapt, generate
+from distill import DEFAULT_TEACHER
+from model import KVCache, Transformer
+
+
+def test_confadapt_accepts_a_leading_run_strictly_above_tau():
+    """The run stops at the first candidate NOT above tau; one equal to tau is not above it. A
+    saturated softmax gives exactly 1.0 in float32, so with >= tau=1.0 would not be greedy."""
+    conf = torch.tensor([[0.75, 0.75, 0.8, 0.9],      # the first equals tau: only the forced one
+                         [0.9, 0.75, 0.9, 0.9],       # the second equals tau: the run ends at 1
+                         [0.9, 0.8, 0.5, 0.9],        # a leading run of 2; the 4th does not count
+                         [0.5, 0.9, 0.9, 0.9]])       # the first is below: still 1 (it is NTP)
+    assert accept_confadapt(conf, 0.75).tolist() == [1, 1, 2, 1]
+    assert accept_confadapt(torch.ones(2, 4), 1.0).tolist() == [1, 1]
+    assert accept_confadapt(torch.full((4,), 0.5), 0.4).tolist() == 4      # any leading shape
+
+
+def context_model():
+    """The embedded teacher plus a fresh <MTP>: a model whose next token depends on its context
+    (a tiny random model's argmax hardly does, so a polluted cache would go unnoticed there)."""
+    m = Transformer.from_pretrained(DEFAULT_TEACHER).eval()
+    m.add_mtp_token()
+    m.cfg.mtp_k_max = 4
+    tok = load_tokenizer(DEFAULT_TEACHER)
+    return m, tok, tok.encode(plain_prompt(synthetic_problems(1, seed=11)[0]["question"]))
+
+
+@torch.no_grad()
+def test_cache_pop_leaves_only_real_tokens():
+    m, tok, prompt = context_model()
+    mtp, n = m.cfg.mtp_token_id, len(prompt)
+    # one decoding pass by hand: prompt + 3 <MTP>, pop the masks, feed the accepted token
+    cache = KVCache()
+    first = int(m(torch.tensor([prompt + [mtp] * 3]), cache=cache)[0, n - 1, :mtp].argmax())
+    cache.truncate(n)
+    assert len(cache) == n
+    step = m(torch.tensor([[first]]), cache=cache)[0, -1]
+    torch.testing.assert_close(step, m(torch.tensor([prompt + [first]]))[0, -1], atol=1e-4, rtol=0)
+    # whole generations: ConfAdapt(1.0) reads 4 candidates a pass (3 masks to pop) and emits 1,
+    # so its output is greedy k=1: each token the argmax of one cache-free forward over the text
+    out, st = generate(m, prompt, max_new_tokens=40, tau=1.0, stop_ids=tok.stop_ids)
+    logits = m(torch.tensor([prompt + out]))[0, n - 1:-1, :mtp]           # (len(out), V)
+    assert out == logits.argmax(-1).tolist()
+    assert len(out) > 20 and st["passes"] == len(out)
