@@ -5,6 +5,8 @@ Online self-distillation of a next-token model into a multi-token predictor (MET
     python distill.py --init DIR --data gsm8k --k 16 --out runs/smol    # any HF checkpoint
     python distill.py --out runs/smol --resume      # continue a killed run exactly
     torchrun --nproc_per_node 8 distill.py ...      # DDP (nccl on CUDA, gloo on CPU)
+    torchrun --nproc_per_node 4 distill.py --fsdp --grad-ckpt --init DIR ...   # 4B-8B: FSDP2 shards
+    python distill.py --init DIR --plan --fsdp --nproc 4 --k 16    # GPU memory per process, no weights read
     python distill.py --pretrain --out checkpoints/synth-teacher    # rebuild the default teacher
 
 Each step: draw k in [2, k_max] and an offset; pack the batch (data.pack); one student forward
@@ -15,8 +17,10 @@ and one teacher forward per step.
 
 Outputs in --out: ckpt/ (the student in the HF layout, its tokenizer, train_state.pt; replaced
 atomically every --save-every steps and at the end) and log.jsonl (one record per log interval).
+Under --fsdp the student is gathered onto rank 0 to be saved: the checkpoint is the same either way.
 """
 import argparse
+import functools
 import json
 import os
 import random
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field, fields, asdict
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import data
 from data import DataError, TokenizerError, load_dataset, load_tokenizer, pack, sample_ids, teacher_input
@@ -81,6 +86,15 @@ class TrainConfig:
     precision: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU | fp32: fp32 on CUDA "
                                  "too (the CPU's numerics, e.g. to reproduce a CPU run faster)")
     threads: int = arg(0, "CPU threads for torch (0 = torch's default)")
+    fsdp: bool = arg(False, "under torchrun: shard the student (fp32 master weights, gradients, "
+                            "AdamW state) and the frozen teacher across the processes with FSDP2; "
+                            "bf16 compute and fp32 gradient reduction on CUDA")
+    grad_ckpt: bool = arg(False, "activation checkpointing: each student block keeps only its input "
+                                 "and recomputes the rest in backward (long sequences, big micro-batches)")
+    plan: bool = arg(False, "print the estimated GPU memory per process for this run (from "
+                            "--init's config.json alone, no weights loaded) and exit")
+    nproc: int = arg(1, "--plan: the number of processes (GPUs) to plan for")
+    gpu_mem: float = arg(80.0, "--plan: GPU memory per process in GiB")
 
 
 def add_config_args(p, only=None):
@@ -112,6 +126,14 @@ def check_config(cfg):
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
     if cfg.precision not in ("auto", "fp32"):
         raise ConfigError(f"--precision must be auto or fp32 (got {cfg.precision!r})")
+    if cfg.nproc < 1 or cfg.gpu_mem <= 0:
+        raise ConfigError(f"--nproc must be >= 1 and --gpu-mem > 0 (got {cfg.nproc}, {cfg.gpu_mem})")
+    default = TrainConfig()
+    if not cfg.plan and (cfg.nproc, cfg.gpu_mem) != (default.nproc, default.gpu_mem):
+        raise ConfigError("--nproc and --gpu-mem only describe the machine for --plan; a training "
+                          "run takes its process count from torchrun")
+    if cfg.plan and cfg.pretrain:
+        raise ConfigError("--plan estimates a distillation run (student + teacher), not --pretrain")
     if cfg.pretrain:
         return
     if cfg.k < 2:
@@ -262,8 +284,8 @@ def step_denominators(micro, cfg, world, device):
     counts = torch.tensor(counts, dtype=torch.float, device=device)
     if world > 1:
         dist.all_reduce(counts)
-    denom, prefix_denom = (counts.clamp(min=1) / world).unbind()   # DDP averages the ranks'
-    return denom, prefix_denom                                     # gradients: undo the 1/world
+    denom, prefix_denom = (counts.clamp(min=1) / world).unbind()   # DDP and FSDP average the
+    return denom, prefix_denom                                     # ranks' gradients: undo 1/world
 
 
 def ntp_step(model, seqs, eos_id, device, denom):
@@ -298,13 +320,14 @@ class Stream:
         return out
 
 
-def save_checkpoint(out, student, tok, opt, state):
-    """Write ckpt.tmp/ in full, then swap it in for ckpt/: a kill never leaves a half checkpoint."""
+def save_checkpoint(out, student, tok, state):
+    """Write ckpt.tmp/ in full, then swap it in for ckpt/: a kill never leaves a half checkpoint.
+    state: train_state.pt's contents (the optimizer's state, step, data position, RNG states)."""
     tmp, final, old = (os.path.join(out, n) for n in ("ckpt.tmp", "ckpt", "ckpt.old"))
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     tok.save(tmp)
-    torch.save({"optimizer": opt.state_dict(), **state}, os.path.join(tmp, "train_state.pt"))
+    torch.save(state, os.path.join(tmp, "train_state.pt"))
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -377,6 +400,9 @@ def setup_processes(cfg):
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.fsdp and "RANK" not in os.environ:
+        raise ConfigError("--fsdp shards across torchrun's processes: run it as torchrun "
+                          "--nproc_per_node N distill.py --fsdp ... (N >= 1)")
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -427,25 +453,245 @@ def build_default_teacher():
 
 
 # -----------------------------------------------------------------------------
+# The memory plan (--plan): bytes per GPU, from config.json's fields alone (no weights read)
+
+
+def plan_shapes(hf):
+    """The sizes the plan needs, read from a config.json dict (GPT-2 or the Llama family)."""
+    mt = hf.get("model_type")
+    try:
+        if mt == "gpt2":
+            D, nh = hf["n_embd"], hf["n_head"]
+            return dict(D=D, layers=hf["n_layer"], nh=nh, nkv=nh, hs=D // nh, d_ff=hf.get("n_inner") or 4 * D,
+                        V=hf["vocab_size"], tied=hf.get("tie_word_embeddings", True), gated=False,
+                        positions=hf["n_positions"], qkv_bias=True, o_bias=True, mlp_bias=True,
+                        norm_bias=True, qk_norm=False)
+        if mt in ("llama", "qwen2", "qwen3"):
+            D, nh = hf["hidden_size"], hf["num_attention_heads"]
+            bias = hf.get("attention_bias", False)     # as model.Config.from_hf reads the biases
+            return dict(D=D, layers=hf["num_hidden_layers"], nh=nh,
+                        nkv=hf.get("num_key_value_heads") or nh, hs=hf.get("head_dim") or D // nh,
+                        d_ff=hf["intermediate_size"], V=hf["vocab_size"],
+                        tied=hf.get("tie_word_embeddings", False), gated=True, positions=0,
+                        qkv_bias=mt == "qwen2" or bias, o_bias=mt != "qwen2" and bias,
+                        mlp_bias=mt == "llama" and hf.get("mlp_bias", False),
+                        norm_bias=False, qk_norm=mt == "qwen3")     # qwen3: RMSNorm on q and k per head
+    except KeyError as e:
+        raise ConfigError(f"--plan: config.json has no {e.args[0]!r} field") from None
+    raise ConfigError(f"--plan reads gpt2 and Llama-family configs (llama, qwen2, qwen3), not {mt!r}")
+
+
+def param_counts(s, V):
+    """(root, block): parameters outside the blocks (embeddings, lm_head, final norm: FSDP's root
+    group) and in each block, for a vocabulary of V rows."""
+    D, q, kv, d_ff = s["D"], s["nh"] * s["hs"], s["nkv"] * s["hs"], s["d_ff"]
+    norm = D * (2 if s["norm_bias"] else 1)
+    attn = D * (q + 2 * kv) + q * D + (q + 2 * kv) * s["qkv_bias"] + D * s["o_bias"] \
+        + 2 * s["hs"] * s["qk_norm"]
+    mlp = D * d_ff * (3 if s["gated"] else 2) + (d_ff * (2 if s["gated"] else 1) + D) * s["mlp_bias"]
+    root = V * D * (1 if s["tied"] else 2) + s["positions"] * D + norm
+    return root, attn + mlp + 2 * norm
+
+
+def block_activations(s):
+    """Values one block keeps for backward, per token (bf16/fp32 elements), as model.Block saves
+    them: each RMSNorm its input, normalised value and output (3 D; LayerNorm: input and output,
+    2 D); the whole qkv output (v is a view of it), the rotated q and k (no RoPE in GPT-2: q and k
+    are views too), the attention output and the out-projection's copy of it; the MLP's fc output,
+    activation and product (4 d_ff; GPT-2: 2 d_ff). Qwen3's q/k norms add their normalised values.
+    Assumes a fused attention kernel (SDPA's memory-efficient or flash one, or FlexAttention) that
+    keeps no (L, L) score matrix per head; tests/test_fsdp.py checks it against autograd's own count."""
+    q, kv, rope = s["nh"] * s["hs"], s["nkv"] * s["hs"], s["gated"]
+    norms = (6 if rope else 4) * s["D"]
+    attn = (q + 2 * kv) + (q + kv) * rope + 2 * q + (q + kv) * s["qk_norm"]
+    return norms + attn + (4 if s["gated"] else 2) * s["d_ff"]
+
+
+def memory_plan(hf, cfg, micro_batch=None):
+    """{what: bytes per process} for distilling the checkpoint of config.json `hf` with cfg's
+    settings on CUDA (bf16 compute unless --precision fp32), cfg.nproc processes."""
+    s, mb = plan_shapes(hf), micro_batch or cfg.micro_batch
+    V_s = s["V"] + (hf.get("mtp_token_id") is None)               # the student gains the <MTP> row
+    root_t, block = param_counts(s, s["V"])
+    root_s, _ = param_counts(s, V_s)
+    P_s, P_t = root_s + s["layers"] * block, root_t + s["layers"] * block
+    bf16 = cfg.precision == "auto"
+    cb = 2 if bf16 else 4                                         # bytes of a compute value
+    n = cfg.nproc if cfg.fsdp else 1                              # FSDP splits every state n ways
+    rows = {"student weights (fp32 master)": 4 * P_s / n, "gradients (fp32)": 4 * P_s / n,
+            "AdamW state (2 x fp32)": 8 * P_s / n,
+            f"teacher weights ({'bf16' if bf16 else 'fp32'})": cb * P_t / n}
+    if cfg.fsdp:   # gathered: the student's root (kept from forward to backward) and two blocks
+        # (one computing, one prefetched); on top of that, the teacher's root during its forward,
+        # or in backward the unsharded gradients of the root and a block with their fp32 copies
+        # for the reduce-scatter, whichever is larger
+        rows["FSDP gathered weights and gradients"] = cb * (root_s + 2 * block) \
+            + max(cb * root_t, (cb + 4 * bf16) * (root_s + block))
+    else:
+        if bf16:
+            rows["bf16 weight copies (autocast)"] = 2 * P_s
+        if cfg.nproc > 1:
+            rows["DDP gradient buckets (fp32)"] = 4 * P_s
+    L = cfg.seq_len + n_regions(cfg) * (cfg.k - 1)                # packed length at k = k_max
+    per_block = mb * L * cb * block_activations(s)
+    rows["activations" + (" (--grad-ckpt)" if cfg.grad_ckpt else "")] = \
+        mb * L * cb * s["layers"] * s["D"] + per_block if cfg.grad_ckpt else s["layers"] * per_block
+    # student logits (bf16 + the fp32 copy the loss keeps, its fp32 gradient), the <MTP>-masked
+    # fp32 readout and the teacher's logits: ~16 bytes per vocabulary entry per position in bf16
+    positions = mb * (L if cfg.prefix_loss else n_regions(cfg) * cfg.k)
+    rows["logits"] = positions * V_s * (16 if bf16 else 12)
+    return rows, {"params": P_s, "teacher_params": P_t, "packed_len": L, "micro_batch": mb}
+
+
+def format_plan(hf, cfg):
+    """The --plan report: one line per item, the total, and whether it fits --gpu-mem."""
+    rows, info = memory_plan(hf, cfg)
+    total = sum(rows.values())
+    budget = 0.9 * cfg.gpu_mem * 2**30         # 10% kept for the CUDA context, NCCL, fragmentation
+    # everything but activations and logits is fixed; those two grow linearly with micro-batch
+    one, _ = memory_plan(hf, cfg, micro_batch=1)
+    per_seq = sum(v for k, v in one.items() if k.startswith(("activations", "logits")))
+    largest = int((budget - (sum(one.values()) - per_seq)) // per_seq)
+    mode = f"FSDP over {cfg.nproc}" if cfg.fsdp else (f"DDP x{cfg.nproc}" if cfg.nproc > 1 else "1 process")
+    lines = [f"plan: {hf.get('model_type')} {info['params'] / 1e9:.2f}B parameters (student, with "
+             f"<MTP>), {mode}, {'bf16 compute' if cfg.precision == 'auto' else 'fp32'} on CUDA; "
+             f"micro-batch {info['micro_batch']} x packed length {info['packed_len']} "
+             f"(N={cfg.seq_len}, M={n_regions(cfg)}, k_max={cfg.k})"
+             + (", --grad-ckpt" if cfg.grad_ckpt else "")]
+    lines += [f"  {name:<40} {v / 2**30:8.2f} GiB" for name, v in rows.items()]
+    lines.append(f"  {'total per process':<40} {total / 2**30:8.2f} GiB")
+    verdict = "fits" if total <= budget else "does NOT fit"
+    most = f"largest micro-batch that fits: {largest}" if largest >= 1 else \
+        f"no micro-batch fits: the rest alone takes {(total - per_seq * info['micro_batch']) / 2**30:.1f} GiB"
+    lines.append(f"{verdict} in {cfg.gpu_mem:g} GiB (budget 90%: {budget / 2**30:.1f} GiB); {most}")
+    return "\n".join(lines)
+
+
+def print_plan(cfg):
+    """--plan: read only --init's config.json (a local directory; no weights are touched)."""
+    init = cfg.init or DEFAULT_TEACHER
+    path = os.path.join(init, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--plan reads {path}, which does not exist: pass --init DIR, a local "
+                          "directory with the checkpoint's config.json (no weights needed)")
+    with open(path) as f:
+        hf = json.load(f)
+    print(format_plan(hf, cfg))
+
+
+# -----------------------------------------------------------------------------
+# Sharding (FSDP2), activation checkpointing, and the checkpoint's state under them
+
+
+def checkpoint_blocks(model):
+    """--grad-ckpt: each block keeps only its input for backward and recomputes the rest there,
+    one block at a time. Only the block's forward is wrapped, so parameter names (and with them
+    the saved checkpoint) stay the same."""
+    for block in model.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def shard(model, mp_policy, reshard_root):
+    """FSDP2: one shard group per block (all-gathered just before it runs, freed after) and the
+    root group: embeddings, final norm and lm_head. A tied lm_head IS embed.weight, so the two
+    must live in one group: the root. reshard_root: free the root's gathered weights after
+    forward too (the teacher: no backward follows; None leaves FSDP's default for a root)."""
+    from torch.distributed.fsdp import fully_shard    # here: only --fsdp pays for the import (~1 s)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy, reshard_after_forward=reshard_root)
+
+
+def wrap_models(student, teacher, cfg, world, device):
+    """(student, teacher) as the loop calls them: --grad-ckpt, then FSDP2 (--fsdp) or DDP (several
+    processes), then torch.compile. The student module itself keeps its name `raw` in train."""
+    if cfg.grad_ckpt:
+        checkpoint_blocks(student)
+    if cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        # on CUDA: bf16 gathered weights and compute, fp32 master weights (the shards, which AdamW
+        # updates) and fp32 gradient reduce-scatter; on the CPU everything stays fp32
+        bf16 = uses_bf16(device, cfg)
+        shard(student, MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                            reduce_dtype=torch.float32 if bf16 else None), None)
+        if teacher is not None:     # frozen, already bf16 on CUDA (load_models): no casts
+            shard(teacher, MixedPrecisionPolicy(), True)
+    if cfg.compile:
+        student = torch.compile(student)
+        teacher = torch.compile(teacher) if teacher is not None else None
+    if world > 1 and not cfg.fsdp:
+        student = torch.nn.parallel.DistributedDataParallel(student)
+    return student, teacher
+
+
+def gather_for_saving(raw, opt, cfg):
+    """(a plain Transformer, the optimizer's state dict) for the master to save. Under FSDP both
+    are gathered from every rank's shards (a collective: every rank calls this) onto rank 0's CPU,
+    the optimizer state keyed by parameter name; the other ranks get (None, None)."""
+    if not cfg.fsdp:
+        return raw, opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    params = get_model_state_dict(raw, options=full)
+    optim = get_optimizer_state_dict(raw, opt, options=full)
+    if not params:                                       # cpu_offload: rank 0 holds everything
+        return None, None
+    with torch.device("meta"):                           # no second copy: take the gathered tensors
+        model = Transformer(raw.cfg)
+    model.load_state_dict(params, strict=True, assign=True)
+    if raw.cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model, optim      # (its rope buffer stays on "meta": save_pretrained writes parameters)
+
+
+def load_resume_state(cfg, device):
+    """--resume: (train_state.pt's contents, the student from the checkpoint's weights, its path).
+    The file is memory-mapped: under FSDP the ranks share the page cache's one copy of it."""
+    ck = latest_checkpoint(cfg.out)
+    state = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False,
+                       mmap=True)
+    if state.get("fsdp", False) != cfg.fsdp:
+        flag = "with" if state.get("fsdp", False) else "without"
+        raise ConfigError(f"{ck} was written {flag} --fsdp (its optimizer state is laid out for "
+                          f"that): resume it {flag} --fsdp")
+    return state, Transformer.from_pretrained(ck, device=device), ck
+
+
+def load_optimizer_state(raw, opt, optim_state, cfg):
+    """The saved optimizer state into opt; under FSDP each rank takes its shard of the full state."""
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(raw, opt, optim_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(optim_state)
+
+
+# -----------------------------------------------------------------------------
 # The training loop
 
 
 def load_models(cfg, device):
-    """(student, teacher, tokenizer). Student = init + <MTP>, trainable; teacher = frozen init."""
+    """(student, teacher, tokenizer). Student = init + <MTP>, trainable; teacher = frozen init,
+    in bf16 where the forward passes are (CUDA, unless --precision fp32): it never trains, so it
+    needs no fp32 copy. With --fsdp both are loaded on the CPU: sharding moves them to `device`."""
+    where = torch.device("cpu") if cfg.fsdp else device
     if cfg.pretrain:
         tok = data.synthetic_tokenizer(SYNTH_TEACHER.vocab_size) if cfg.data == "synthetic" \
             else load_tokenizer("gpt2")
         mcfg = Config(**{**SYNTH_TEACHER.summary(), "vocab_size": tok.n_vocab})
         torch.manual_seed(cfg.seed)
-        return Transformer(mcfg).to(device), None, tok
+        return Transformer(mcfg).to(where), None, tok
     init = cfg.init or DEFAULT_TEACHER
     if not cfg.init and not os.path.isfile(os.path.join(DEFAULT_TEACHER, "model.safetensors")):
         build_default_teacher()
     from model import resolve_checkpoint
     init = resolve_checkpoint(init)
     tok = load_tokenizer(init)
-    teacher = Transformer.from_pretrained(init, device=device).requires_grad_(False).eval()
-    student = Transformer.from_pretrained(init, device=device)
+    teacher_dtype = torch.bfloat16 if uses_bf16(device, cfg) else torch.float32
+    teacher = Transformer.from_pretrained(init, dtype=teacher_dtype, device=where)
+    teacher = teacher.requires_grad_(False).eval()
+    student = Transformer.from_pretrained(init, device=where)
     if student.cfg.mtp_token_id is None:
         student.add_mtp_token(seed=cfg.seed)
     elif not cfg.reuse_mtp:
@@ -453,6 +699,61 @@ def load_models(cfg, device):
                           "an MTP checkpoint. Continue its run with --out RUN --resume, or pass "
                           "--reuse-mtp to distill it further with the same token")
     return student, teacher, tok
+
+
+def interval_record(cfg, acc, step, world, device):
+    """The log record of the steps since the last one, from every rank's statistics, not only
+    rank 0's (a collective: every rank calls this)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if world > 1:
+        packed = torch.cat([torch.tensor([acc["loss"], acc["tokens"]]), acc["conf"],
+                            acc["agree"], acc["count"]]).to(device)
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        acc["loss"], acc["tokens"] = packed[0].item() / world, packed[1].item()
+        acc["conf"], acc["agree"], acc["count"] = packed[2:].split(len(acc["conf"]))
+    dt = time.perf_counter() - acc["t0"]
+    rec = {"step": step, "loss": acc["loss"] / acc["n"], "lr": lr_at(step - 1, cfg),
+           "step_ms": 1000 * dt / acc["n"], "sup_tok_per_s": acc["tokens"] / dt}
+    if not cfg.pretrain:
+        has = acc["count"] > 0
+        rec["conf"] = [round(float(c / n), 4) if h else None
+                       for c, n, h in zip(acc["conf"], acc["count"], has)]
+        rec["agree"] = [round(float(a / n), 4) if h else None
+                        for a, n, h in zip(acc["agree"], acc["count"], has)]
+    return rec
+
+
+def write_log(rec, cfg, eta, log):
+    """One record: a line or two on stdout, one line in log.jsonl."""
+    line = (f"step {rec['step']}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+            f"{rec['step_ms']:.0f} ms/step | {rec['sup_tok_per_s']:.0f} sup tok/s | "
+            f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
+    if "agree" in rec:
+        fmt = lambda xs: " ".join("-" if x is None else f"{x:.2f}" for x in xs)
+        line += f"\n    conf@j {fmt(rec['conf'])} | agree@j {fmt(rec['agree'])}"
+    print(line, flush=True)
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+
+
+def save_run(cfg, raw, opt, tok, log, step, stream, rng, world, master):
+    """Checkpoint (every rank calls this: DDP compares the ranks' weights, FSDP gathers them)."""
+    same = None
+    if not cfg.fsdp:
+        same = ranks_identical(raw, world)
+        if not same:
+            raise RuntimeError("DDP ranks hold different weights")
+    student, optim = gather_for_saving(raw, opt, cfg)
+    if master:
+        save_checkpoint(cfg.out, student, tok, {
+            "optimizer": optim, "fsdp": cfg.fsdp, "step": step, "data_pos": stream.pos,
+            "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "args": asdict(cfg)})
+        rec = {"step": step, "saved": os.path.join(cfg.out, "ckpt"), "world": world}
+        rec.update({"fsdp": True} if cfg.fsdp else {"ranks_identical": same})
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
 
 
 def train(cfg):
@@ -473,16 +774,11 @@ def train(cfg):
     if cfg.pretrain:
         seqs = [s[:cfg.seq_len] for s in seqs]
 
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)                      # k and offset draws
     stream = Stream(len(seqs), cfg.seed)
-    step = 0
+    step, state = 0, None
     if cfg.resume:
-        ck = latest_checkpoint(cfg.out)
-        state = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False)
-        student = Transformer.from_pretrained(ck, device=device)
-        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        opt.load_state_dict(state["optimizer"])
+        state, student, ck = load_resume_state(cfg, torch.device("cpu") if cfg.fsdp else device)
         step, stream.pos = state["step"], state["data_pos"]
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
@@ -490,11 +786,11 @@ def train(cfg):
             print(f"resumed {ck} at step {step}", flush=True)
             truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
     raw = student
-    if cfg.compile:
-        student = torch.compile(student)
-        teacher = torch.compile(teacher) if teacher is not None else None
-    if world > 1:
-        student = torch.nn.parallel.DistributedDataParallel(student)
+    student, teacher = wrap_models(student, teacher, cfg, world, device)
+    # after sharding: FSDP2 replaces the parameters with sharded ones, which AdamW must hold
+    opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if state is not None:
+        load_optimizer_state(raw, opt, state["optimizer"], cfg)
 
     mtp_id = raw.cfg.mtp_token_id
     if not cfg.pretrain:
@@ -505,7 +801,8 @@ def train(cfg):
         os.makedirs(cfg.out, exist_ok=True)
         n_params = sum(p.numel() for p in raw.parameters())
         print(f"{'pretrain' if cfg.pretrain else 'distill'}: {n_params / 1e6:.2f}M params on {device}"
-              f" x{world}, {len(seqs)} samples, {accum} x {per_fwd} sequences per step", flush=True)
+              f" x{world}{' (FSDP)' if cfg.fsdp else ''}, {len(seqs)} samples, {accum} x {per_fwd} "
+              "sequences per step", flush=True)
         with open(os.path.join(cfg.out, "args.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
@@ -532,7 +829,10 @@ def train(cfg):
             micro.append(batch)
         denom, prefix_denom = step_denominators(micro, cfg, world, device)
         for i, batch in enumerate(micro):
-            ctx = student.no_sync() if world > 1 and i < accum - 1 else torch.enable_grad()
+            # DDP: all-reduce once, after the last micro-batch; FSDP reduce-scatters each one into
+            # the sharded gradients (holding unsharded ones across micro-batches costs memory)
+            sync_later = world > 1 and not cfg.fsdp and i < accum - 1
+            ctx = student.no_sync() if sync_later else torch.enable_grad()
             with ctx, amp:
                 if cfg.pretrain:
                     loss, st = ntp_step(student, batch, tok.eos_id, device, denom)
@@ -552,49 +852,15 @@ def train(cfg):
         acc["n"] += 1
 
         if step % cfg.log_every == 0 or step == cfg.steps:
-            if cuda:
-                torch.cuda.synchronize()
-            if world > 1:  # every rank's statistics, not only rank 0's
-                packed = torch.cat([torch.tensor([acc["loss"], acc["tokens"]]), acc["conf"],
-                                    acc["agree"], acc["count"]]).to(device)
-                dist.all_reduce(packed)
-                packed = packed.cpu()
-                acc["loss"], acc["tokens"] = packed[0].item() / world, packed[1].item()
-                acc["conf"], acc["agree"], acc["count"] = packed[2:].split(K)
-            dt = time.perf_counter() - acc["t0"]
-            rec = {"step": step, "loss": acc["loss"] / acc["n"], "lr": lr_at(step - 1, cfg),
-                   "step_ms": 1000 * dt / acc["n"], "sup_tok_per_s": acc["tokens"] / dt}
-            if not cfg.pretrain:
-                has = acc["count"] > 0
-                rec["conf"] = [round(float(c / n), 4) if h else None
-                               for c, n, h in zip(acc["conf"], acc["count"], has)]
-                rec["agree"] = [round(float(a / n), 4) if h else None
-                                for a, n, h in zip(acc["agree"], acc["count"], has)]
+            rec = interval_record(cfg, acc, step, world, device)
             if master:
                 eta = (time.perf_counter() - t_start) / (step - start_step) * (cfg.steps - step)
-                line = (f"step {step}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                        f"{rec['step_ms']:.0f} ms/step | {rec['sup_tok_per_s']:.0f} sup tok/s | "
-                        f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
-                if "agree" in rec:
-                    fmt = lambda xs: " ".join("-" if x is None else f"{x:.2f}" for x in xs)
-                    line += f"\n    conf@j {fmt(rec['conf'])} | agree@j {fmt(rec['agree'])}"
-                print(line, flush=True)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                write_log(rec, cfg, eta, log)
             acc = fresh()
 
         if step % cfg.save_every == 0 or step == cfg.steps:
             t_save = time.perf_counter()
-            same = ranks_identical(raw, world)
-            if not same:
-                raise RuntimeError("DDP ranks hold different weights")
-            if master:
-                save_checkpoint(cfg.out, raw, tok, opt, {
-                    "step": step, "data_pos": stream.pos, "rng": rng.getstate(),
-                    "torch_rng": torch.get_rng_state(), "args": asdict(cfg)})
-                log.write(json.dumps({"step": step, "saved": os.path.join(cfg.out, "ckpt"),
-                                      "ranks_identical": same, "world": world}) + "\n")
-                log.flush()
+            save_run(cfg, raw, opt, tok, log, step, stream, rng, world, master)
             acc["t0"] += time.perf_counter() - t_save     # step times exclude checkpointing
     if master:
         log.close()
@@ -609,6 +875,10 @@ def train(cfg):
 def main(argv=None):
     cfg = parse_args(argv)
     try:
+        if cfg.plan:
+            check_config(cfg)
+            print_plan(cfg)
+            return
         train(cfg)
     except (ConfigError, CheckpointError, TokenizerError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
