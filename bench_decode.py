@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from data import TokenizerError, load_tokenizer
+from data import TokenizerError, load_tokenizer, plain_prompt
 from decode import DecodeError, generate, load_for_decoding, make_engine, resolve_device
 from model import CheckpointError
 
@@ -95,7 +95,7 @@ def main(argv=None):
         a.device = resolve_device(a.device)
         model = load_for_decoding(a.ckpt, a.device, a.dtype)
         tok = load_tokenizer(a.ckpt)
-        ids = tok.prompt(a.prompt) if tok.chat else tok.encode(f"Q: {a.prompt}\nA:")
+        ids = tok.prompt(a.prompt) if tok.chat else tok.encode(plain_prompt(a.prompt))
         capacity = len(ids) + a.max_new + 1
         if capacity > model.cfg.max_seq_len:
             raise DecodeError(f"prompt ({len(ids)} tokens) + --max-new {a.max_new} exceeds the "

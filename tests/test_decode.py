@@ -286,3 +286,29 @@ def test_static_engine_equals_eager():
                 assert a == b
     with pytest.raises(DecodeError, match="needs a CUDA device"):
         generate(m, [1, 2], static_k=1, engine="graphs")
+
+
+def test_verified_on_the_embedded_teacher():
+    """The embedded teacher with <MTP> added (the student at step 0): a real model, whose next
+    token depends on everything the cache holds, verified at every rule equals its own k=1."""
+    from data import load_tokenizer, plain_prompt, synthetic_problems
+    from distill import DEFAULT_TEACHER
+    from model import Transformer
+    m = Transformer.from_pretrained(DEFAULT_TEACHER).eval()
+    m.add_mtp_token()
+    m.cfg.mtp_k_max = 4
+    tok = load_tokenizer(DEFAULT_TEACHER)
+    prompts = [tok.encode(plain_prompt(r["question"])) for r in synthetic_problems(3, seed=11)]
+    ref, _ = generate_batch(m, prompts, max_new_tokens=40, static_k=1, stop_ids=tok.stop_ids)
+    rejected = confirmed = 0
+    for rule in ({"static_k": 4}, {"tau": 0.0}, {"tau": 0.5}):
+        outs, st = generate_batch(m, prompts, max_new_tokens=40, verify=True,
+                                  stop_ids=tok.stop_ids, **rule)
+        assert outs == ref, rule
+        one, st1 = generate(m, prompts[0], max_new_tokens=40, verify=True, stop_ids=tok.stop_ids,
+                            **rule)
+        assert one == ref[0]
+        assert_cache_holds_committed(len(prompts[0]), st1)
+        rejected += sum(r["rejected"] for r in st["rows"])
+        confirmed += sum(r["confirmed"] for r in st["rows"])
+    assert rejected > 0 and confirmed > 0        # both paths of the commit step were taken
