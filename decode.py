@@ -252,15 +252,24 @@ def make_engine(model, batch, engine="eager", capacity=None):
 # Generation: prefill and every later pass are the same forward, for a batch of prompts
 
 
-def next_slots(slots, take, n_max):
-    """Leaner passes: how many candidates a row reads next, from what it accepted this pass.
+def next_slots(state, take, n_max):
+    """Leaner passes: how many candidates a row reads next pass, from what it accepted.
 
-    Reading k_max candidates costs k_max-1 <MTP> slots even when the row accepts one token. A row
-    that accepted all it read doubles its reads (up to n_max); one that stopped short reads one
-    more than it accepted (at least 2, so it can grow again). Confident stretches ramp up in a
-    pass or two; hesitant ones stop paying for slots they would not accept.
+    Reading k_max candidates costs k_max-1 <MTP> slots even when the row accepts one token, and
+    on a CPU even one extra slot costs most of a pass (a 2-row matmul is no gemv). state =
+    (candidates read, failed probes in a row, one-candidate passes since the last probe). A row
+    that accepted a guess reads one more than it accepted, or twice as many if it took them all
+    (up to n_max). A row that accepted only its first candidate reads one (a plain k=1 pass) and
+    probes with two again after 1, 3, 7, ... 31 such passes: hesitant stretches pay almost
+    nothing, confident ones ramp up within a pass or two. Returns the next state.
     """
-    return min(n_max, 2 * slots) if take >= slots else min(n_max, max(2, take + 1))
+    slots, misses, idle = state
+    if take >= 2:                                    # an <MTP> guess was accepted
+        return min(n_max, 2 * slots) if take >= slots else take + 1, 0, 0
+    if slots > 1:                                    # a probe (or a wide read) found nothing
+        return 1, min(misses + 1, 5), 0
+    idle += 1                                        # a k=1 pass; probe when its wait is over
+    return (2, misses, 0) if idle >= 2 ** misses - 1 else (1, misses, idle)
 
 
 @torch.no_grad()
@@ -309,7 +318,7 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
     new = [list(p) for p in prompts]       # tokens entering the cache next pass; the last `pending`
     pending = [0] * B                      # of them are provisional (verify); the others committed
     n_real = [0] * B                       # real tokens each row has cached
-    slots = [n_cand] * B                   # candidates each row reads (lean: adapts)
+    lean_state = [(n_cand, 0, 0)] * B      # candidates each row reads (lean: adapts, next_slots)
     outs = [[] for _ in range(B)]
     rows = [{"accepted": [], "confidences": [], "cache_lens": [], "confirmed": 0, "rejected": 0,
              "context_full": False, "stopped": False} for _ in range(B)]
@@ -323,7 +332,7 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
             room = ctx - n_real[b] - len(new[b])          # every emitted token fits the context
             left = max_new_tokens - len(outs[b]) - pending[b]
             stop_pending = pending[b] and new[b][-1] in stops
-            n_read[b] = max(0, min(slots[b], room, left, 0 if stop_pending else n_cand))
+            n_read[b] = max(0, min(lean_state[b][0], room, left, 0 if stop_pending else n_cand))
             if not new[b] or (n_read[b] == 0 and not pending[b]):
                 done[b] = True
                 rows[b]["context_full"] = room < 1 and left > 0 and not rows[b]["stopped"]
@@ -377,7 +386,7 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
                 chunk, kept[b] = cands[:min(take[b], n_read[b])], w
                 fresh, proposed = (chunk[:1], chunk[1:]) if verify else (chunk, [])
                 if lean:
-                    slots[b] = next_slots(n_read[b], len(chunk), n_cand)
+                    lean_state[b] = next_slots(lean_state[b], len(chunk), n_cand)
             else:
                 kept[b] = w
             rows[b]["confirmed"] += r

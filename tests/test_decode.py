@@ -263,11 +263,18 @@ def test_cache_holds_committed_tokens_only():
 
 def test_lean_reads_follow_acceptance():
     from decode import next_slots
-    assert next_slots(4, 4, 8) == 8 and next_slots(8, 8, 8) == 8      # all accepted: double
-    assert next_slots(8, 1, 8) == 2 and next_slots(4, 2, 8) == 3      # stopped short: take + 1
+    assert next_slots((4, 0, 0), 4, 8) == (8, 0, 0) and next_slots((8, 0, 0), 8, 8) == (8, 0, 0)
+    assert next_slots((8, 0, 0), 2, 8) == (3, 0, 0) and next_slots((4, 2, 5), 3, 8) == (4, 0, 0)
+    assert next_slots((4, 0, 0), 1, 8) == (1, 1, 0)                  # nothing accepted: k=1
+    assert next_slots((1, 1, 0), 1, 8) == (2, 1, 0)                  # probe after 1 pass,
+    assert next_slots((2, 1, 0), 1, 8) == (1, 2, 0)                  # then after 3, 7, ...
+    assert next_slots((1, 2, 1), 1, 8) == (1, 2, 2) and next_slots((1, 2, 2), 1, 8) == (2, 2, 0)
+    assert next_slots((2, 5, 0), 1, 8) == (1, 5, 0)                  # at most 31 passes apart
     m = mtp_model()
     out, st = generate(m, [5, 8, 13, 21], max_new_tokens=24, tau=0.5, lean=True)
-    assert [len(c) for c in st["confidences"][:3]] == [4, 2, 2]      # a random model accepts 1
+    reads = [len(c) for c in st["confidences"]]                     # a random model accepts 1
+    assert reads[:12] == [4, 1, 2, 1, 1, 1, 2, 1, 1, 1, 1, 1]
+    assert out == generate(m, [5, 8, 13, 21], max_new_tokens=24, static_k=1)[0]
 
 
 def test_static_engine_equals_eager():
