@@ -319,3 +319,25 @@ def test_verified_on_the_embedded_teacher():
         rejected += sum(r["rejected"] for r in st["rows"])
         confirmed += sum(r["confirmed"] for r in st["rows"])
     assert rejected > 0 and confirmed > 0        # both paths of the commit step were taken
+
+
+def test_cli_speedup_line(tmp_path, capsys):
+    """decode.py: the speedup is a median over --repeats runs of each rule, and static k=1 is
+    not compared with itself; --device defaults to auto (the CPU here)."""
+    from data import synthetic_tokenizer
+    from model import Transformer
+    from conftest import tiny_config
+    tok = synthetic_tokenizer()
+    m = Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256))
+    m.add_mtp_token()
+    m.cfg.mtp_k_max = 3
+    m.save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    args = ["--ckpt", str(tmp_path), "--prompt", "Ava has 3 apples.", "--max-new", "6"]
+    main(args + ["--static-k", "1"])
+    out = capsys.readouterr().out
+    assert "speedup" not in out and "on cpu" in out
+    main(args + ["--tau", "0.5", "--verify", "--repeats", "3"])
+    out = capsys.readouterr().out
+    assert "median of 3 runs each" in out and "wall-clock speedup" in out
+    assert "provisional tokens confirmed" in out
