@@ -35,6 +35,19 @@ def mtp_model(**kw):
     return m
 
 
+def save_tiny_mtp_checkpoint(path, k_max=3):
+    """A tiny random Llama with <MTP> (decoding up to k_max tokens per pass) and the synthetic
+    tokenizer, saved as a checkpoint directory the CLIs can load."""
+    from data import synthetic_tokenizer
+    torch.manual_seed(0)
+    tok = synthetic_tokenizer()
+    m = Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256))
+    m.add_mtp_token()
+    m.cfg.mtp_k_max = k_max
+    m.save_pretrained(path)
+    tok.save(path)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

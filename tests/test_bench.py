@@ -3,12 +3,9 @@ import json
 import os
 
 import pytest
-import torch
 
 from bench import fewshot_prefix, mean_se, main
-from conftest import SHARED, tiny_config
-from data import synthetic_tokenizer
-from model import Transformer
+from conftest import SHARED, save_tiny_mtp_checkpoint
 
 
 def test_mean_se():
@@ -29,13 +26,7 @@ def tiny_bench(tmp_path, out, *extra):
     """bench.py on a tiny random MTP checkpoint (also its own baseline and teacher); its results."""
     ckpt = tmp_path / "ckpt"
     if not ckpt.exists():
-        torch.manual_seed(0)
-        tok = synthetic_tokenizer()
-        m = Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256))
-        m.add_mtp_token()
-        m.cfg.mtp_k_max = 3
-        m.save_pretrained(ckpt)
-        tok.save(ckpt)
+        save_tiny_mtp_checkpoint(ckpt)
     main(["--ckpt", str(ckpt), "--baseline", str(ckpt), "--teacher", str(ckpt), "--limit", "3",
           "--static", "1,2", "--taus", "0.9,0.0", "--max-new", "12", "--out", str(out), *extra])
     return json.load(open(f"{out}.json"))

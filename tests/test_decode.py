@@ -324,15 +324,8 @@ def test_verified_on_the_embedded_teacher():
 def test_cli_speedup_line(tmp_path, capsys):
     """decode.py: the speedup is a median over --repeats runs of each rule, and static k=1 is
     not compared with itself; --device defaults to auto (the CPU here)."""
-    from data import synthetic_tokenizer
-    from model import Transformer
-    from conftest import tiny_config
-    tok = synthetic_tokenizer()
-    m = Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256))
-    m.add_mtp_token()
-    m.cfg.mtp_k_max = 3
-    m.save_pretrained(tmp_path)
-    tok.save(tmp_path)
+    from conftest import save_tiny_mtp_checkpoint
+    save_tiny_mtp_checkpoint(tmp_path)
     args = ["--ckpt", str(tmp_path), "--prompt", "Ava has 3 apples.", "--max-new", "6"]
     main(args + ["--static-k", "1"])
     out = capsys.readouterr().out
