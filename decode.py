@@ -272,6 +272,39 @@ def next_slots(state, take, n_max):
     return (2, misses, 0) if idle >= 2 ** misses - 1 else (1, misses, idle)
 
 
+def commit_row(new, pending, guess, cands, take, verify, stops):
+    """One row's commit step after a pass: verification, then the acceptance rule's chunk.
+
+    new: the tokens the pass fed, the last `pending` of them provisional (accepted from <MTP>
+    slots by the pass before); guess: the model's own next token read at each provisional
+    token's predecessor; cands: the candidates read (the prediction at the last new token, then
+    the masks'), of which the rule accepts `take`. The longest provisional prefix that `guess`
+    confirms is committed; at the first disagreement the model's own token is committed instead,
+    the rest of `new` leaves the cache, and `cands` (read after a wrong token) are thrown away.
+    Without `verify` nothing is pending and the whole chunk is committed at once.
+    Returns (r confirmed, committed, fresh: the committed tokens not yet in the cache, proposed:
+    the next provisional run, kept: how many of `new` stay in the cache). A committed stop token
+    ends the row's output; a proposed one is trimmed after and waits for its confirmation.
+    """
+    w, r = len(new), 0
+    while r < pending and new[w - pending + r] == guess[r]:
+        r += 1
+    fresh, proposed, kept = [], [], w
+    if r < pending:                    # the first disagreement: the model's token, drop the rest
+        fresh, kept = [guess[r]], w - pending + r
+    elif cands:
+        chunk = cands[:take]
+        fresh, proposed = (chunk[:1], chunk[1:]) if verify else (chunk, [])
+    committed = new[w - pending:w - pending + r] + fresh
+    hit = next((i for i, t in enumerate(committed) if t in stops), None)
+    if hit is not None:                                   # a committed stop token: trim after it
+        committed, proposed = committed[:hit + 1], []
+    else:                                                 # a provisional one is verified first
+        hit = next((i for i, t in enumerate(proposed) if t in stops), None)
+        proposed = proposed if hit is None else proposed[:hit + 1]
+    return r, committed, fresh, proposed, kept
+
+
 @torch.no_grad()
 def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, k_max=None,
                    stop_ids=(), stop_fn=None, timer=None, verify=False, lean=False,
@@ -370,34 +403,16 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
                 else accept_confadapt(first, tau)).tolist()
         conf_l, cand_l = conf.tolist(), cand.tolist()
 
-        # --- commit: per row, what this pass confirmed, corrected and proposed
+        # --- commit: per row, what this pass confirmed, corrected and proposed (commit_row)
         kept = [0] * B                                    # new tokens that stay in the cache
         for b in active:
-            w, p = len(new[b]), pending[b]
-            guess = cand_l[b][R - 1 - p:R - 1]            # the model's own token after each
-            r = 0                                         # provisional token's predecessor
-            while r < p and new[b][w - p + r] == guess[r]:
-                r += 1
-            committed, fresh, proposed = new[b][w - p:w - p + r], [], []
-            cands = cand_l[b][R - 1:R - 1 + n_read[b]]
-            if r < p:          # the first disagreement: the model's token; the rest is dropped
-                fresh, kept[b] = [guess[r]], w - p + r
-            elif n_read[b]:
-                chunk, kept[b] = cands[:min(take[b], n_read[b])], w
-                fresh, proposed = (chunk[:1], chunk[1:]) if verify else (chunk, [])
-                if lean:
-                    lean_state[b] = next_slots(lean_state[b], len(chunk), n_cand)
-            else:
-                kept[b] = w
+            p, cands = pending[b], cand_l[b][R - 1:R - 1 + n_read[b]]
+            r, committed, fresh, proposed, kept[b] = commit_row(
+                new[b], p, cand_l[b][R - 1 - p:R - 1], cands, take[b], verify, stops)
+            if lean and r == p and cands:
+                lean_state[b] = next_slots(lean_state[b], min(take[b], len(cands)), n_cand)
             rows[b]["confirmed"] += r
             rows[b]["rejected"] += p - r
-            committed += fresh
-            hit = next((i for i, t in enumerate(committed) if t in stops), None)
-            if hit is not None:                           # a committed stop token: trim after it
-                committed, proposed = committed[:hit + 1], []
-            else:                                         # a provisional one is verified first
-                hit = next((i for i, t in enumerate(proposed) if t in stops), None)
-                proposed = proposed if hit is None else proposed[:hit + 1]
             committed = committed[:max_new_tokens - len(outs[b])]
             outs[b] += committed
             rows[b]["accepted"].append(len(committed))

@@ -295,6 +295,22 @@ def test_static_engine_equals_eager():
         generate(m, [1, 2], static_k=1, engine="graphs")
 
 
+def test_commit_row_by_hand():
+    """The commit step on hand-made cases (its inputs: what one pass fed and read)."""
+    from decode import commit_row
+    # 7 confirmed, 8 contradicted (the model says 9): commit 7 and 9; 8 leaves the cache
+    assert commit_row([5, 7, 8], 2, [7, 9], [1, 2, 3], 3, True, ()) == (1, [7, 9], [9], [], 2)
+    # both confirmed: the rule's chunk follows, its first token committed, the rest proposed
+    assert commit_row([5, 7, 8], 2, [7, 8], [1, 2, 3], 2, True, ()) == (2, [7, 8, 1], [1], [2], 3)
+    # a proposed stop token is kept (and waits for its check); a committed one ends the output
+    assert commit_row([5], 0, [], [1, 4, 2], 3, True, {4}) == (0, [1], [1], [4], 1)
+    assert commit_row([5, 4], 1, [4], [1, 2], 2, True, {4}) == (1, [4], [1], [], 2)
+    # a verify-only pass (no candidates read): nothing past the confirmed run
+    assert commit_row([5, 7], 1, [7], [], 0, True, ()) == (1, [7], [], [], 2)
+    # unverified: the chunk is committed at once
+    assert commit_row([5], 0, [], [1, 2, 3], 2, False, ()) == (0, [1, 2], [1, 2], [], 1)
+
+
 def test_verified_on_the_embedded_teacher():
     """The embedded teacher with <MTP> added (the student at step 0): a real model, whose next
     token depends on everything the cache holds, verified at every rule equals its own k=1."""
