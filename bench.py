@@ -84,15 +84,31 @@ def mean_se(xs):
 
 
 @torch.no_grad()
-def teacher_nll(teacher, prompt_ids, out_ids):
-    """Summed NLL of out_ids given prompt_ids under the teacher, and the token count."""
-    if not out_ids:
-        return 0.0, 0
-    x = torch.tensor([prompt_ids + out_ids], device=teacher.device)
-    logits = teacher(x[:, :-1])[0, len(prompt_ids) - 1:].float()
-    target = x[0, len(prompt_ids):]
-    nll = logits.logsumexp(-1) - logits.gather(-1, target[:, None]).squeeze(-1)
-    return float(nll.sum()), len(out_ids)
+def teacher_nlls(teacher, pairs, scored=None, budget=2**30):
+    """Summed NLL of each output under the teacher, and its token count, for a list of (prompt
+    ids, output ids) pairs. Several pairs share a forward: right-padded, which changes nothing
+    before the padding in a causal model, with logits read at the output positions only, in
+    chunks of rows whose fp32 logits fit `budget` bytes. scored: a dict memo across calls (the
+    verified rows repeat static k=1's outputs)."""
+    scored = {} if scored is None else scored
+    todo = list({(tuple(p), tuple(o)) for p, o in pairs if o and (tuple(p), tuple(o)) not in scored})
+    todo.sort(key=lambda po: len(po[0]) + len(po[1]))     # similar lengths pad less
+    width = max((len(o) for _, o in todo), default=1)
+    rows = max(1, budget // (4 * width * teacher.cfg.vocab_size))
+    for i in range(0, len(todo), rows):
+        chunk = todo[i:i + rows]
+        L = max(len(p) + len(o) for p, o in chunk)
+        x = torch.zeros(len(chunk), L, dtype=torch.long)
+        at = torch.zeros(len(chunk), width, dtype=torch.long)     # the logit predicting out[j]
+        for r, (p, o) in enumerate(chunk):
+            x[r, :len(p) + len(o)] = torch.tensor(p + o)
+            at[r, :len(o)] = torch.arange(len(p) - 1, len(p) + len(o) - 1)
+        logits = teacher(x.to(teacher.device), out_idx=at.to(teacher.device)).float()
+        target = x.gather(1, (at + 1).clamp(max=L - 1)).to(teacher.device)
+        nll = logits.logsumexp(-1) - logits.gather(-1, target[..., None]).squeeze(-1)
+        for r, (p, o) in enumerate(chunk):
+            scored[p, o] = (float(nll[r, :len(o)].sum()), len(o))
+    return [scored[tuple(p), tuple(o)] if o else (0.0, 0) for p, o in pairs]
 
 
 def first_difference(a, b):
@@ -112,12 +128,13 @@ def fidelity(outputs, reference):
             "first_diff": statistics.mean(differ) if differ else None}
 
 
-def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, progress, engines):
+def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, progress, engines,
+                 scored):
     timer = PassTimer(model.device)
     flex, strict, eff_k, nll, n_tok = [], [], [], 0.0, 0
     tokens, wall_ms, step_ms, steps = 0, 0.0, 0.0, 0
     samples, outputs, confirmed, rejected = [], [], 0, 0
-    stop_fn = None
+    stop_fn, judged = None, []
     if args.format == "fewshot":
         stop_fn = lambda ids: "Q:" in tok.decode(ids[-8:])
     for start in range(0, len(problems), args.batch):
@@ -141,13 +158,14 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
             strict.append(float(same_number(extract_strict(text), gold)))
             eff_k.append(rs["effective_k"])
             confirmed, rejected = confirmed + rs["confirmed"], rejected + rs["rejected"]
-            if teacher is not None:
-                kept = tok.encode(text) if text != tok.decode(out) else out
-                s, n = teacher_nll(teacher, ids, kept)
-                nll, n_tok = nll + s, n_tok + n
+            if teacher is not None:      # the output as scored: cut where the answer ends
+                judged.append((ids, tok.encode(text) if text != tok.decode(out) else out))
             if i < 3:
                 samples.append(text)
             progress(i + 1)
+    if teacher is not None:
+        for total, n in teacher_nlls(teacher, judged, scored):
+            nll, n_tok = nll + total, n_tok + n
     wall_s = wall_ms / 1000
     acc, acc_se = mean_se(flex)
     sacc, sacc_se = mean_se(strict)
@@ -303,7 +321,7 @@ def main(argv=None):
                    engine=engines[(id(model), len(first))])
     total = len(strategies) * len(problems)
     t0 = time.perf_counter()
-    results = []
+    results, scored = [], {}                  # scored: the teacher's NLL of each output, once
     tty, last_line = sys.stderr.isatty(), [t0]
     for s, (name, m, rule) in enumerate(strategies):
         def progress(i, s=s, name=name):
@@ -318,7 +336,7 @@ def main(argv=None):
             print("\r" + line + "   " if tty else line, end="" if tty else "\n",
                   file=sys.stderr, flush=True)
         results.append(run_strategy(name, m, tok, problems, prompter, rule, a, teacher, progress,
-                                    engines))
+                                    engines, scored))
     if tty:
         print(file=sys.stderr)
     k1 = next(r for r in results if r["strategy"] == "static k=1")

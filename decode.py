@@ -384,9 +384,9 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
             with timer:
                 logits = run(idx, None, None, out_idx)                # (1, R + m, V)
         else:
-            idx, pos, is_new, real, out_idx = step_layout(
-                [torch.tensor(x, device=device, dtype=torch.long) for x in new], n_real, masks,
-                reads, mtp)
+            # laid out on the CPU, then one copy per tensor to the device (not one per row)
+            idx, pos, is_new, real, out_idx = (t.to(device) for t in step_layout(
+                [torch.tensor(x, dtype=torch.long) for x in new], n_real, masks, reads, mtp))
             padded = not (real.all() and cached.all())
             # no padding: the model's own causal mask and positions
             mask, pos = (step_mask(cached, real), pos) if padded else (None, None)

@@ -64,6 +64,10 @@ class TrainConfig:
                                 "default teacher); no teacher, no <MTP>")
     reuse_mtp: bool = arg(False, "allow an init that already has an <MTP> token, reusing its id")
     steps: int = arg(800, "optimizer steps in total (a resumed run continues up to this)")
+    minutes: float = arg(0.0, "a time budget for the training loop (loading not counted; 0 = none): "
+                              "at each log line before the cool-down the run sets --steps to what "
+                              "fits at its pace so far (at most the --steps given), so the cool-down "
+                              "ends in time")
     seq_len: int = arg(160, "ground-truth tokens per training sequence (N)")
     regions: int = arg(0, "MTP regions per sequence (M); 0 = seq_len // (2 k_max) as in the paper")
     step_tokens: int = arg(5120, "ground-truth tokens per optimizer step; sets gradient accumulation")
@@ -124,6 +128,11 @@ def check_config(cfg):
     for name in ("steps", "seq_len", "micro_batch", "step_tokens", "log_every", "save_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
+    if cfg.minutes < 0:
+        raise ConfigError(f"--minutes must be >= 0 (got {cfg.minutes})")
+    if cfg.minutes and cfg.resume:
+        raise ConfigError("--minutes plans the length of a new run; a resumed run continues to "
+                          "--steps: pass the step count the first run planned (its log says it)")
     if cfg.precision not in ("auto", "fp32"):
         raise ConfigError(f"--precision must be auto or fp32 (got {cfg.precision!r})")
     if cfg.nproc < 1 or cfg.gpu_mem <= 0:
@@ -164,6 +173,14 @@ def lr_at(step, cfg):
     if cfg.cooldown:
         lr *= min(1.0, (cfg.steps - step) / cfg.cooldown)
     return lr
+
+
+def plan_steps(done, loop_s, minutes, most):
+    """--minutes: the step count that fits the budget, at the pace of the `done` steps so far,
+    which took `loop_s` seconds (their first calls' overheads and checkpoints included, so the
+    estimate errs on the short side). Never fewer than done, never more than `most`."""
+    left = 60 * minutes - loop_s
+    return max(done, min(most, done + int(left / (loop_s / done))))
 
 
 def hard_ce(logits, target, weight, denom=None):
@@ -738,6 +755,26 @@ def write_log(rec, cfg, eta, log):
     log.flush()
 
 
+def plan_length(cfg, step, loop_s, given, world, device, log):
+    """--minutes: set cfg.steps from the pace so far (the slowest rank's, so that every rank plans
+    the same); a change goes to the log and args.json, the first plan to stdout as well."""
+    if world > 1:
+        t = torch.tensor([loop_s], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        loop_s = t.item()
+    before, cfg.steps = cfg.steps, plan_steps(step, loop_s, cfg.minutes, given)
+    if log is None or cfg.steps == before:
+        return
+    if before == given:
+        print(f"--minutes {cfg.minutes:g}: {step} steps took {loop_s:.1f} s, so {cfg.steps} steps "
+              f"in all (--steps {given}), re-planned until the cool-down", flush=True)
+    log.write(json.dumps({"step": step, "planned_steps": cfg.steps, "loop_s": round(loop_s, 2)})
+              + "\n")
+    log.flush()
+    with open(os.path.join(cfg.out, "args.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+
+
 def save_run(cfg, raw, opt, tok, log, step, stream, rng, world, master):
     """Checkpoint (every rank calls this: DDP compares the ranks' weights, FSDP gathers them)."""
     same = None
@@ -813,7 +850,7 @@ def train(cfg):
         return {"loss": 0.0, "n": 0, "tokens": 0.0, "conf": torch.zeros(K), "agree": torch.zeros(K),
                 "count": torch.zeros(K), "t0": time.perf_counter(), "steps": 0}
 
-    acc, t_start, start_step = fresh(), time.perf_counter(), step
+    acc, t_start, start_step, given_steps = fresh(), time.perf_counter(), step, cfg.steps
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -850,6 +887,10 @@ def train(cfg):
         optimizer_update(student, opt, cfg)
         step += 1
         acc["n"] += 1
+        # --minutes: re-plan the length while the lr is constant (a plan made during the cool-down
+        # would bend its slope); before the log and save below, which the last step triggers
+        if cfg.minutes and step % cfg.log_every == 0 and step < cfg.steps - cfg.cooldown:
+            plan_length(cfg, step, time.perf_counter() - t_start, given_steps, world, device, log)
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             rec = interval_record(cfg, acc, step, world, device)

@@ -3,9 +3,11 @@ import json
 import os
 
 import pytest
+import torch
 
 from bench import fewshot_prefix, mean_se, main
-from conftest import SHARED, save_tiny_mtp_checkpoint
+from conftest import SHARED, save_tiny_mtp_checkpoint, tiny_config
+from model import Transformer
 
 
 def test_mean_se():
@@ -69,6 +71,31 @@ def test_bench_batch_decodes_the_same(tmp_path):
                     "same_as_k1", "first_diff", "confirmed", "rejected"):
             assert r1.get(key) == r2.get(key), key
         assert r1["teacher_nll"] == pytest.approx(r2["teacher_nll"], rel=1e-5)
+
+
+@pytest.mark.parametrize("budget", [1, 2**30])     # one row per forward; all rows in one
+def test_teacher_nlls_equal_one_pair_at_a_time(budget):
+    """Batched, padded, memoized scoring == a forward of each prompt + output alone, summing
+    -log softmax at every output position by hand."""
+    from bench import teacher_nlls
+    torch.manual_seed(0)
+    teacher = Transformer(tiny_config(vocab=50)).eval()
+    rand = lambda n: torch.randint(0, 50, (n,)).tolist()
+    pairs = [(rand(5), rand(7)), (rand(2), rand(1)), (rand(9), []), (rand(3), rand(12))]
+    pairs.append(pairs[0])                                   # a repeat is scored once
+    naive = []
+    for p, o in pairs:
+        logp = torch.log_softmax(teacher(torch.tensor([p + o]))[0], -1)
+        naive.append((sum(-logp[len(p) - 1 + j, t].item() for j, t in enumerate(o)), len(o)))
+    forwards = []
+    teacher.register_forward_hook(lambda *_: forwards.append(1))
+    scored = {}
+    got = teacher_nlls(teacher, pairs, scored, budget=budget)
+    for (s, n), (s_ref, n_ref) in zip(got, naive, strict=True):
+        assert n == n_ref and s == pytest.approx(s_ref, rel=1e-5, abs=1e-5)
+    assert len(forwards) == (3 if budget == 1 else 1) and len(scored) == 3
+    n_before = len(forwards)
+    assert teacher_nlls(teacher, pairs[:2], scored) == got[:2] and len(forwards) == n_before
 
 
 def test_first_difference():

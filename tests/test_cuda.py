@@ -84,3 +84,16 @@ def test_cuda_graphs_decode_as_eager():
                 one, _ = generate(m, prompts[1], max_new_tokens=20, verify=verify, **rule)
                 assert generate(m, prompts[1], max_new_tokens=20, verify=verify, engine="graphs",
                                 **rule)[0] == one
+
+
+def test_cuda_graphs_capture_in_bf16():
+    """A bf16 model captures and replays (its RoPE frequencies stay fp32 on the GPU: rebuilding
+    them on the CPU inside a capture fails), and a replay gives the captured run's tokens."""
+    from decode import make_engine
+    m = mtp_model().cuda().to(torch.bfloat16)
+    prompt = [58, 30, 41, 27, 18, 40, 33]
+    for rule in ({"static_k": 1}, {"tau": 0.0}):
+        graphs = make_engine(m, 1, "graphs")
+        first, _ = generate(m, prompt, max_new_tokens=20, engine=graphs, **rule)
+        again, _ = generate(m, prompt, max_new_tokens=20, engine=graphs, **rule)
+        assert len(first) == 20 and again == first, rule

@@ -1,4 +1,5 @@
 """distill.py: the losses against naive loops, exact resume, DDP, and bad-input messages."""
+import itertools
 import json
 import os
 import subprocess
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from conftest import assert_exits, ROOT
-from distill import TrainConfig, hard_ce, lr_at, main, parse_args, soft_kl, train
+import distill
+from distill import TrainConfig, hard_ce, lr_at, main, parse_args, plan_steps, soft_kl, train
 from model import Transformer
 
 
@@ -81,6 +83,42 @@ def test_resume_is_exact(tiny_init, tmp_path):
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
 
 
+def test_plan_steps():
+    # 10 steps took 30 s of a 2-minute budget: 90 s left at 3 s a step is 30 more
+    assert plan_steps(10, 30.0, 2, 1000) == 40
+    assert plan_steps(10, 30.0, 2, 25) == 25              # never past the --steps given
+    assert plan_steps(10, 150.0, 2, 1000) == 10           # over budget already: stop now
+
+
+@pytest.mark.parametrize("cooldown", [4, 0])
+def test_minutes_sets_the_length_and_the_cooldown_ends_it(tiny_init, tmp_path, monkeypatch, cooldown):
+    """--minutes with a clock that advances 1 s per reading: the run plans its length at each
+    log line before the cool-down, ends at the plan with a checkpoint, and the lr reaches 0 at
+    the planned end (the cool-down kept its length). Without a cool-down the clock jumps past the
+    budget: the plan that ends the run is made at its last step, which must be logged and saved."""
+    clock = iter(range(10**6)) if cooldown else itertools.chain(range(16), range(1000, 10**6))
+    monkeypatch.setattr(distill.time, "perf_counter", lambda: float(next(clock)))
+    out = tmp_path / "run"
+    train(parse_args(run_args(tiny_init, out, "--steps", "1000", "--minutes", "0.5",
+                              "--cooldown", str(cooldown), "--warmup", "1", "--save-every", "1000")))
+    recs = [json.loads(line) for line in open(out / "log.jsonl")]
+    plans = [r for r in recs if "planned_steps" in r]
+    final = plans[-1]["planned_steps"]
+    assert plans and 4 < final < 1000 and [p["planned_steps"] for p in plans] != [1000]
+    state = torch.load(out / "ckpt" / "train_state.pt", weights_only=False)
+    assert state["step"] == final and state["args"]["steps"] == final
+    assert json.load(open(out / "args.json"))["steps"] == final
+    losses = [r for r in recs if "loss" in r]
+    assert losses[-1]["step"] == final
+    if cooldown:
+        cfg = TrainConfig(**state["args"])
+        assert lr_at(final - 1, cfg) == pytest.approx(cfg.lr / cooldown)   # the last cool-down step
+        # re-planning stopped before the cool-down: no plan at or after its first step
+        assert all(p["step"] < final - cooldown for p in plans)
+    else:
+        assert plans[-1] == {"step": final, "planned_steps": final, "loop_s": plans[-1]["loop_s"]}
+
+
 def test_a_new_run_never_mixes_with_an_old_one_in_the_same_out(tiny_init, tmp_path, capsys):
     out = tmp_path / "run"
     train(parse_args(run_args(tiny_init, out, "--steps", "4")))
@@ -111,6 +149,8 @@ def test_bad_input_messages(tiny_init, tmp_path, capsys):
     fails(run_args(tiny_init, tmp_path / "o3", "--seq-len", "12", "--regions", "4"), "too short")
     fails(run_args(tiny_init, tmp_path / "o4", "--resume"), "no checkpoint in")
     fails(run_args(tiny_init, tmp_path / "o4b", "--precision", "fp16"), "--precision must be auto or fp32")
+    fails(run_args(tiny_init, tmp_path / "o4c", "--minutes", "-1"), "--minutes must be >= 0")
+    fails(run_args(tiny_init, tmp_path / "o4d", "--minutes", "1", "--resume"), "the first run planned")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     for name in os.listdir(tiny_init):
