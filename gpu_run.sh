@@ -9,6 +9,7 @@
 #                             #   (SMOL_MIN minutes) then 3./4. its batch-1 and batch-16 speed and
 #                             #   5. its 500-problem bench
 #   bash gpu_run.sh extra     # call 3, if time is left (no carry): what smol had no time for,
+#                             #   item 1 with k drawn after a warm-up over every packed length,
 #                             #   then the torch.compile rows of items 1 and 2
 #   bash gpu_run.sh default   # the embedded default at 3000 steps (item 6) and the default
 #                             #   recipe's fp32 students, benched (measured 2026-11-26; ~5 min)
@@ -132,6 +133,9 @@ if [ "$part" = extra ]; then
     step "5. (again) the student's GSM8K bench"
     gsm_bench 300
   fi
+  step "1. training cost, SDPA, k drawn, warmed up over the whole batch set (every packed length)"
+  timeout $(lim 60) $PY bench_train.py --init $SMOL --data $GSMDATA $TRAIN --device $DEV --warmup-steps 12 \
+    2>&1 | grep -E "^\||MTP / NTP|^\{" | tee -a "$D/train_cost.txt"
   if [ "$DEV" = cuda ]; then
     step "2. with torch.compile: ours (compile) and eager, bf16, 128 tokens, no transformers"
     timeout $(lim 120) $PY bench_decode.py --ckpt $SMOL --device cuda --dtype bf16 --max-new 128 \
@@ -142,9 +146,6 @@ if [ "$part" = extra ]; then
       timeout $(lim 150) $PY bench_train.py --init $SMOL --data $GSMDATA $TRAIN --device cuda $flags \
         2>&1 | grep -E "^\||MTP / NTP|^\{" | tee -a "$D/train_cost_compile.txt"
     done
-  else
-    step "1. training cost (CPU: no compile, no flex)"
-    $PY bench_train.py --init $SMOL --data $GSMDATA $TRAIN --device cpu 2>&1 | grep -E "MTP / NTP"
   fi
   step "extra done"
   exit 0
