@@ -132,7 +132,7 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
                  scored):
     timer = PassTimer(model.device)
     flex, strict, eff_k, nll, n_tok = [], [], [], 0.0, 0
-    tokens, wall_ms, step_ms, steps = 0, 0.0, 0.0, 0
+    tokens, wall_ms, step_ms, steps, setup_ms = 0, 0.0, 0.0, 0, 0.0
     samples, outputs, confirmed, rejected = [], [], 0, 0
     stop_fn, judged = None, []
     if args.format == "fewshot":
@@ -148,7 +148,8 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
                                   engine=engines[key], **rule)
         outputs += outs
         tokens += st["tokens"]
-        wall_ms += st["wall_ms"]
+        wall_ms += st["wall_ms"]                # less CUDA-graph captures (setup_ms)
+        setup_ms += st["setup_ms"]
         step_ms += sum(st["ms"][1:])           # decoding passes; the first one is the prefill
         steps += len(st["ms"]) - 1
         for i, (row, ids, out, rs) in enumerate(zip(batch, prompts, outs, st["rows"]), start):
@@ -173,6 +174,7 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
             "strict_se": sacc_se, "eff_k": statistics.mean(eff_k),
             "eff_k_std": statistics.pstdev(eff_k), "tokens": tokens, "decode_s": wall_s,
             "ms_per_pass": step_ms / max(1, steps), "tokens_per_s": tokens / wall_s,
+            "capture_s": setup_ms / 1000,
             "teacher_nll": nll / n_tok if n_tok else None, "samples": samples,
             "confirmed": confirmed, "rejected": rejected, "outputs": outputs,
             "correct": [int(c) for c in flex]}        # per problem, in order: which ones flip
@@ -220,6 +222,26 @@ def pareto_plot(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+def write_results(results, strategies, model, header, args, out):
+    """Speedups and fidelity against static k=1, then OUT.md and OUT.json; returns the table.
+    Nothing until static k=1 is done (only the --baseline row runs before it)."""
+    k1 = next((r for r in results if r["strategy"] == "static k=1"), None)
+    if k1 is None:
+        return None
+    for r, (_, m, _) in zip(results, strategies):
+        r["speedup"] = r["tokens_per_s"] / k1["tokens_per_s"]
+        if m is model:                  # fidelity: against the same model's own k=1 output
+            r.update(fidelity(r["outputs"], k1["outputs"]))
+    md = table(results, header)
+    with open(out + ".md", "w") as f:
+        f.write(md)
+    with open(out + ".json", "w") as f:
+        json.dump({"header": header, "args": vars(args),    # outputs: big, and only for fidelity
+                   "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results]},
+                  f, indent=1)
+    return md
 
 
 # -----------------------------------------------------------------------------
@@ -313,6 +335,12 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
+    device = torch.cuda.get_device_name() if a.device.startswith("cuda") else \
+        f"CPU ({torch.get_num_threads()} threads)"
+    header = (f"{a.data}, {len(problems)} problems, format {a.format}, checkpoint {a.ckpt}, "
+              f"device {device}, {a.dtype}, engine {a.engine}, batch {a.batch}, greedy")
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), f"bench_{os.path.basename(a.data)}")
+
     # warm-up, discarded: the first passes pay for allocation, kernel selection and (--engine
     # graphs) the k=1 pass's capture; its engine is the one the first batch then uses
     first = [prompter(row["question"]) for row in problems[:a.batch]]
@@ -337,27 +365,13 @@ def main(argv=None):
                   file=sys.stderr, flush=True)
         results.append(run_strategy(name, m, tok, problems, prompter, rule, a, teacher, progress,
                                     engines, scored))
+        if len(results) < len(strategies):      # a killed run keeps the strategies done so far
+            write_results(results, strategies, model, header +
+                          f" (partial: {len(results)} of {len(strategies)} strategies)", a, out)
     if tty:
         print(file=sys.stderr)
-    k1 = next(r for r in results if r["strategy"] == "static k=1")
-    for r, (_, m, _) in zip(results, strategies):
-        r["speedup"] = r["tokens_per_s"] / k1["tokens_per_s"]
-        if m is model:                  # fidelity: against the same model's own k=1 output
-            r.update(fidelity(r["outputs"], k1["outputs"]))
-
-    device = torch.cuda.get_device_name() if a.device.startswith("cuda") else \
-        f"CPU ({torch.get_num_threads()} threads)"
-    header = (f"{a.data}, {len(problems)} problems, format {a.format}, checkpoint {a.ckpt}, "
-              f"device {device}, {a.dtype}, engine {a.engine}, batch {a.batch}, greedy")
-    md = table(results, header)
+    md = write_results(results, strategies, model, header, a, out)
     print(md)
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), f"bench_{os.path.basename(a.data)}")
-    with open(out + ".md", "w") as f:
-        f.write(md)
-    with open(out + ".json", "w") as f:
-        json.dump({"header": header, "args": vars(a),    # outputs: big, and only for fidelity
-                   "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results]},
-                  f, indent=1)
     print(f"wrote {out}.md and {out}.json")
     pareto_plot(results, out + ".png")
     best = max((r for r in results if r["strategy"].startswith("ConfAdapt")),

@@ -163,6 +163,10 @@ class Eager:
         """An empty cache for the next batch of prompts."""
         self.cache = KVCache()
 
+    def prepare(self, idx, pos, mask, out_idx):
+        """Nothing to set up before a pass (CudaGraphs captures here)."""
+        return 0.0
+
     def __call__(self, idx, pos, mask, out_idx):
         return self.model(idx, pos=pos, mask=mask, cache=self.cache, out_idx=out_idx)
 
@@ -173,7 +177,9 @@ class CudaGraphs:
     A pass of T tokens reading n logits per row is captured once per (T, n) and replayed after
     that: one launch instead of a few hundred small kernels, which is what a small model at a
     small batch is bound by on a GPU. Inputs are copied into the graph's own tensors first. The
-    prefill (a long, once-per-prompt shape) runs uncaptured on the same cache. compile=True
+    prefill (the first pass after reset: one shape per prompt length) runs uncaptured on the same
+    cache. prepare() captures a new shape ahead of its pass, so that callers can time the pass
+    without the capture. compile=True
     captures torch.compile'd passes instead of eager ones. graphs=False runs the very same
     static-cache passes uncaptured: the layout check on a machine without a GPU.
     """
@@ -194,7 +200,8 @@ class CudaGraphs:
         self.cache.write_at = write_at
         return self.fn(idx, pos=pos, mask=mask, cache=self.cache, out_idx=out_idx)
 
-    def __call__(self, idx, pos, mask, out_idx):
+    def _static_inputs(self, idx, pos, mask, out_idx):
+        """A pass's inputs in the static cache's layout: (pos, mask over every slot, write_at)."""
         B, T = idx.shape
         L, device = len(self.cache), idx.device
         if L + T > self.capacity:
@@ -206,19 +213,41 @@ class CudaGraphs:
             mask = (slot[None, :] <= L + torch.arange(T, device=device)[:, None]).expand(B, T, -1)
         else:                                             # (B, T, L + T) -> (B, T, capacity)
             mask = torch.nn.functional.pad(mask, (0, self.capacity - mask.size(-1)))
-        write_at = slot[L:L + T]
-        if not self.graphs or T > 64:                     # the prefill: run it as it comes
+        return pos, mask, slot[L:L + T]
+
+    def _replayed(self):
+        """Passes after the prefill are replayed; the prefill (the first pass after reset, one
+        shape per prompt length) runs as it comes."""
+        return self.graphs and len(self.cache) > 0
+
+    def prepare(self, idx, pos, mask, out_idx):
+        """Capture this pass's shape if it is new, before the pass is timed: returns the seconds
+        it took (device synchronized at both ends), 0.0 if there was nothing to capture. The
+        capture's warm-up passes write the same k/v that the pass itself then writes."""
+        key = (idx.size(1), out_idx.size(1))
+        if not self._replayed() or key in self.captured:
+            return 0.0
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        self.captured[key] = self._capture(idx, *self._static_inputs(idx, pos, mask, out_idx), out_idx)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def __call__(self, idx, pos, mask, out_idx):
+        T = idx.size(1)
+        pos, mask, write_at = self._static_inputs(idx, pos, mask, out_idx)
+        if not self._replayed():
             self.cache.write_at = write_at
             logits = self.model(idx, pos=pos, mask=mask, cache=self.cache, out_idx=out_idx)
         else:
             key = (T, out_idx.size(1))
-            if key not in self.captured:
+            if key not in self.captured:                  # (generate_batch prepares it first)
                 self.captured[key] = self._capture(idx, pos, mask, write_at, out_idx)
             graph, inputs, logits = self.captured[key]
             for buf, x in zip(inputs, (idx, pos, mask, write_at, out_idx)):
                 buf.copy_(x)
             graph.replay()
-        self.cache.length = L + T
+        self.cache.length += T
         return logits
 
     def _capture(self, *inputs):
@@ -324,11 +353,12 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
     engine: a make_engine name, or a ready engine object (one per batch shape).
 
     Returns (new token ids per prompt, stats): passes (forwards of the batch), tokens (all rows),
-    the time of each forward (ms), their sum (forward_ms), the whole call's wall time (wall_ms,
-    which tokens_per_s uses), and rows: per prompt its passes, tokens, effective_k (committed
-    tokens per pass), per-pass committed counts (accepted) and top-1 confidences of the
-    candidates, its real cached tokens after each pass (cache_lens), provisional tokens confirmed
-    and rejected, stopped and context_full.
+    the time of each forward (ms), their sum (forward_ms), the whole call's wall time less the
+    CUDA-graph captures of new pass shapes (wall_ms, which tokens_per_s uses; the captures:
+    setup_ms), and rows: per prompt its passes, tokens, effective_k (committed tokens per pass),
+    per-pass committed counts (accepted) and top-1 confidences of the candidates, its real cached
+    tokens after each pass (cache_lens), provisional tokens confirmed and rejected, stopped and
+    context_full.
 
     All rows share one KVCache. A row's shorter input leaves padding slots in it, which the mask
     hides from everyone: every non-pad slot of a row is a real token of that row. A finished row
@@ -339,7 +369,7 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
     n_cand = max(check_request(model, p, static_k, tau, k_max) for p in prompts)  # all the same
     if max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    t_start = time.perf_counter()
+    t_start, setup_s = time.perf_counter(), 0.0        # setup: CUDA-graph captures, left out
     device, mtp, B, ctx = model.device, model.cfg.mtp_token_id, len(prompts), model.cfg.max_seq_len
     timer = timer or PassTimer(device)
     run = make_engine(model, B, engine) if isinstance(engine, str) else engine
@@ -381,6 +411,7 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
             w, m = len(new[0]), masks[0]
             idx = torch.tensor(new[0] + [mtp] * m, device=device)[None]
             out_idx = torch.arange(w - R, w + m, device=device)[None]
+            setup_s += run.prepare(idx, None, None, out_idx)          # a new graph: untimed
             with timer:
                 logits = run(idx, None, None, out_idx)                # (1, R + m, V)
         else:
@@ -390,6 +421,7 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
             padded = not (real.all() and cached.all())
             # no padding: the model's own causal mask and positions
             mask, pos = (step_mask(cached, real), pos) if padded else (None, None)
+            setup_s += run.prepare(idx, pos, mask, out_idx)
             with timer:
                 logits = run(idx, pos, mask, out_idx)                 # (B, R + M, V)
         passes += 1
@@ -434,14 +466,16 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
             keep = torch.arange(W, device=device)[None] < torch.tensor(kept, device=device)[:, None]
             cached = torch.cat([cached, keep], 1)
     ms = timer.times()[-passes:]   # synchronizes on CUDA; passes >= 1: every prompt has room
-    wall = 1000 * (time.perf_counter() - t_start)      # everything: forwards, softmax, accept
+    # everything (forwards, softmax, accept) but one-time CUDA-graph captures, which a server
+    # makes once per shape, not once per request
+    wall = 1000 * (time.perf_counter() - t_start - setup_s)
     for out, r in zip(outs, rows):
         r.update(passes=len(r["accepted"]), tokens=len(out),
                  effective_k=len(out) / max(1, len(r["accepted"])),
                  histogram=dict(sorted(Counter(r["accepted"]).items())))
     tokens = sum(len(out) for out in outs)
     stats = {"passes": passes, "tokens": tokens, "ms": ms, "forward_ms": sum(ms), "wall_ms": wall,
-             "tokens_per_s": 1000 * tokens / wall, "rows": rows}
+             "setup_ms": 1000 * setup_s, "tokens_per_s": 1000 * tokens / wall, "rows": rows}
     return outs, stats
 
 

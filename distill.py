@@ -133,6 +133,10 @@ def check_config(cfg):
     if cfg.minutes and cfg.resume:
         raise ConfigError("--minutes plans the length of a new run; a resumed run continues to "
                           "--steps: pass the step count the first run planned (its log says it)")
+    if cfg.minutes and cfg.cooldown >= cfg.steps - cfg.log_every:
+        raise ConfigError(f"--minutes re-plans at the log lines before the cool-down, and --cooldown "
+                          f"{cfg.cooldown} leaves none of --steps {cfg.steps}: give --steps as a cap "
+                          "well above the cool-down (e.g. 100000)")
     if cfg.precision not in ("auto", "fp32"):
         raise ConfigError(f"--precision must be auto or fp32 (got {cfg.precision!r})")
     if cfg.nproc < 1 or cfg.gpu_mem <= 0:
@@ -763,13 +767,15 @@ def plan_length(cfg, step, loop_s, given, world, device, log):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         loop_s = t.item()
     before, cfg.steps = cfg.steps, plan_steps(step, loop_s, cfg.minutes, given)
+    # a shorter run whose cool-down would have begun already begins it now, from the current lr
+    cfg.cooldown = min(cfg.cooldown, cfg.steps - step)
     if log is None or cfg.steps == before:
         return
     if before == given:
         print(f"--minutes {cfg.minutes:g}: {step} steps took {loop_s:.1f} s, so {cfg.steps} steps "
               f"in all (--steps {given}), re-planned until the cool-down", flush=True)
-    log.write(json.dumps({"step": step, "planned_steps": cfg.steps, "loop_s": round(loop_s, 2)})
-              + "\n")
+    log.write(json.dumps({"step": step, "planned_steps": cfg.steps, "cooldown": cfg.cooldown,
+                          "loop_s": round(loop_s, 2)}) + "\n")
     log.flush()
     with open(os.path.join(cfg.out, "args.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
@@ -817,6 +823,11 @@ def train(cfg):
     if cfg.resume:
         state, student, ck = load_resume_state(cfg, torch.device("cpu") if cfg.fsdp else device)
         step, stream.pos = state["step"], state["data_pos"]
+        saved = state["args"]
+        if saved.get("minutes") and (cfg.steps, cfg.cooldown) != (saved["steps"], saved["cooldown"]):
+            raise ConfigError(f"{ck} is from a --minutes run planned to {saved['steps']} steps with a "
+                              f"{saved['cooldown']}-step cool-down: resume it with --steps "
+                              f"{saved['steps']} --cooldown {saved['cooldown']}")
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         if master:

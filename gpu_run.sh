@@ -21,7 +21,7 @@
 # call. At most 8 files come back from a call, so $OUT (default gpu_out/) holds two: PART.log,
 # everything printed, and PART.tgz, the tables, JSON and logs, packed again after every step. TINY=1 runs the same steps on the CPU at toy
 # sizes, with the embedded teacher standing in for SmolLM2.
-set -u
+set -u -o pipefail
 part=${1:?usage: gpu_run.sh stash|smol|extra|default}
 OUT=${OUT:-gpu_out}
 D=runs/gpu_$part                              # the details, packed into $OUT/$part.tgz
@@ -32,8 +32,16 @@ export PYTHONUNBUFFERED=1 MTP_CACHE=$KEEP/cache
 PY=python3
 T0=$(date +%s)
 step() { tar czf "$OUT/$part.tgz" -C runs "gpu_$part"; echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
-# a step's time limit: its own, or what is left of the part's budget (BUDGET s), at least 5 s
-lim() { local left=$(( ${BUDGET:-570} - ($(date +%s) - T0) )); echo $(( $1 < left ? $1 : (left > 5 ? left : 5) )); }
+# a step's time limit: its own, or what is left of the part's budget (BUDGET s)
+lim() { local left=$(( ${BUDGET:-570} - ($(date +%s) - T0) )); echo $(( $1 < left ? $1 : (left > 1 ? left : 1) )); }
+# run_to LIMIT LOG CMD...: CMD under its time limit, its output in LOG; says how it ended. A step
+# with under 20 s left is skipped (it could not load a model in that time)
+run_to() {
+  local l; l=$(lim "$1"); local log=$2; shift 2
+  if [ "$l" -lt 20 ]; then echo "skipped: ${l} s left of BUDGET"; return 99; fi
+  timeout "$l" "$@" > "$log" 2>&1; local rc=$?
+  echo "exit $rc$([ $rc = 124 ] && echo ": out of its $l s")"; return $rc
+}
 if [ "${TINY:-0}" = 1 ]; then
   DEV=cpu; ENGINE=static; S3000=6; S800=6; LIMIT=4; BATCH=6; SMOL_MIN=${SMOL_MIN:-0.1}; GSM_LIMIT=8
   GSM_BATCH=8; NEW=24; SPEED_N=4; FMT=qa; GSMDATA=synthetic; SEQ=64; SMALL="--micro-batch 4 --step-tokens 640"
@@ -66,13 +74,13 @@ smol_checkpoint() {   # the converted SmolLM2 (from this call's halves, or the j
     cat "$KEEP/part1" .gg2/part2 > "$KEEP/smol.gguf"
   fi
   sha256sum "$KEEP/smol.gguf"
-  timeout $(lim 60) $PY convert_gguf.py "$KEEP/smol.gguf" $SMOL | tail -4
+  run_to 60 "$D/convert.log" $PY convert_gguf.py "$KEEP/smol.gguf" $SMOL; tail -4 "$D/convert.log"
 }
 
 speed_item() {        # 3./4. speed on the student, bf16: batch $1 over $2 problems
-  timeout $(lim $3) $PY bench.py --ckpt runs/smol/ckpt --data $GSMDATA --format $FMT --limit $2 \
-    --batch $1 --max-new 128 --device $DEV --dtype bf16 --engine $ENGINE --static 1 --taus 0.9 \
-    --lean --out "$D/speed_b$1" > "$D/speed_b$1.log" 2>&1
+  run_to $3 "$D/speed_b$1.log" $PY bench.py --ckpt runs/smol/ckpt --data $GSMDATA --format $FMT \
+    --limit $2 --batch $1 --max-new 128 --device $DEV --dtype bf16 --engine $ENGINE --static 1 \
+    --taus 0.9 --lean --out "$D/speed_b$1"
   grep -E "^\| |error" "$D/speed_b$1.log"
   [ -f "$D/speed_b$1.json" ] && $PY - "$D/speed_b$1.json" <<'EOF'
 import json, sys
@@ -83,11 +91,13 @@ EOF
 }
 
 gsm_bench() {         # 5. the student on GSM8K test, fp32 (verified rows must equal k=1 exactly)
-  timeout $(lim $1) $PY bench.py --ckpt runs/smol/ckpt --data $GSMDATA --format $FMT --limit $GSM_LIMIT \
-    --batch $GSM_BATCH --max-new $NEW --device $DEV --dtype fp32 --static 1,2,3 \
-    --taus 0.9,0.8 --teacher $SMOL --out "$D/bench_smol" > "$D/bench_smol.log" 2>&1
-  echo "bench exit $?"; grep -E "^\| |error|warning" "$D/bench_smol.log"
-  [ -f "$D/bench_smol.json" ] && cp "$D/bench_smol.json" runs/bench_smol.json
+  run_to $1 "$D/bench_smol.log" $PY bench.py --ckpt runs/smol/ckpt --data $GSMDATA --format $FMT \
+    --limit $GSM_LIMIT --batch $GSM_BATCH --max-new $NEW --device $DEV --dtype fp32 --static 1,2,3 \
+    --taus 0.9,0.8 --teacher $SMOL --out "$D/bench_smol"
+  grep -E "^\| |error|warning" "$D/bench_smol.log"
+  # the table is rewritten after every strategy: a killed bench leaves a partial one
+  grep -h "partial" "$D/bench_smol.md" 2>/dev/null
+  grep -qs "partial" "$D/bench_smol.md" || cp "$D/bench_smol.json" runs/bench_smol.json 2>/dev/null
 }
 
 if [ "$part" = stash ]; then
@@ -95,7 +105,7 @@ if [ "$part" = stash ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
   $PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
   step "CUDA tests"
-  timeout $(lim 150) $PY -m pytest -q tests/test_cuda.py 2>&1 | tail -15
+  run_to 150 "$D/test_cuda.log" $PY -m pytest -q tests/test_cuda.py; tail -15 "$D/test_cuda.log"
   step "stash done"
   exit 0
 fi
@@ -104,20 +114,21 @@ if [ "$part" = smol ]; then
   smol_checkpoint
 
   step "2. batch-1 decoding, ours (eager / CUDA graphs) vs transformers generate, bf16, 128 tokens"
-  timeout $(lim 60) $PY bench_decode.py --ckpt $SMOL --device $DEV --dtype bf16 --max-new $((NEW / 2)) \
-    --engines eager,$ENGINE --out "$D/decode_b1.json" 2>&1 | grep -v Warning
+  run_to 60 "$D/decode_b1.log" $PY bench_decode.py --ckpt $SMOL --device $DEV --dtype bf16 \
+    --max-new $((NEW / 2)) --engines eager,$ENGINE --out "$D/decode_b1.json"
+  grep -E "^\||^CPU|^NVIDIA|error" "$D/decode_b1.log"
 
   step "5. distill SmolLM2 on GSM8K train for $SMOL_MIN minutes (batch 32 x $SEQ tokens, k_max 4, bf16)"
-  timeout $(lim $(awk "BEGIN { print int($SMOL_MIN * 60 + 60) }")) $PY distill.py --init $SMOL \
-    --data $GSMDATA --k 4 --out runs/smol --overwrite --steps 100000 --minutes $SMOL_MIN \
-    --seq-len $SEQ --micro-batch 32 --step-tokens $((32 * SEQ)) --lr 5e-5 --warmup 100 \
-    --cooldown 500 --log-every 100 --save-every 500 --device $DEV $SMALL > "$D/train_smol.log" 2>&1
-  echo "distill exit $?"; grep -E "^step|minutes|done|error" "$D/train_smol.log" | tail -n 12
+  run_to $(awk "BEGIN { print int($SMOL_MIN * 60 + 60) }") "$D/train_smol.log" $PY distill.py \
+    --init $SMOL --data $GSMDATA --k 4 --out runs/smol --overwrite --steps 100000 \
+    --minutes $SMOL_MIN --seq-len $SEQ --micro-batch 32 --step-tokens $((32 * SEQ)) --lr 5e-5 \
+    --warmup 100 --cooldown 500 --log-every 100 --save-every 500 --device $DEV $SMALL
+  grep -E "^step|minutes|done|error" "$D/train_smol.log" | tail -n 12
 
   step "3. batch 1, $SPEED_N problems, bf16, $ENGINE"
   speed_item 1 $SPEED_N 70
   step "4. batch 16, $((4 * SPEED_N)) problems, bf16, $ENGINE"
-  speed_item 16 $((4 * SPEED_N)) 45
+  speed_item 16 $((4 * SPEED_N)) 60
 
   step "5. bench the student: $GSM_LIMIT GSM8K test problems, batch $GSM_BATCH, fp32, eager, every strategy"
   rm -f runs/bench_smol.json
@@ -134,17 +145,20 @@ if [ "$part" = extra ]; then
     gsm_bench 300
   fi
   step "1. training cost, SDPA, k drawn, warmed up over the whole batch set (every packed length)"
-  timeout $(lim 60) $PY bench_train.py --init $SMOL --data $GSMDATA $TRAIN --device $DEV --warmup-steps 12 \
-    2>&1 | grep -E "^\||MTP / NTP|^\{" | tee -a "$D/train_cost.txt"
+  run_to 60 "$D/train_cost.log" $PY bench_train.py --init $SMOL --data $GSMDATA $TRAIN --device $DEV \
+    --warmup-steps 12
+  grep -E "^\||MTP / NTP|^\{|rror" "$D/train_cost.log"
   if [ "$DEV" = cuda ]; then
     step "2. with torch.compile: ours (compile) and eager, bf16, 128 tokens, no transformers"
-    timeout $(lim 120) $PY bench_decode.py --ckpt $SMOL --device cuda --dtype bf16 --max-new 128 \
-      --engines eager,compile --no-hf --out "$D/decode_b1_compile.json" 2>&1 | grep -v Warning
+    run_to 120 "$D/decode_b1_compile.log" $PY bench_decode.py --ckpt $SMOL --device cuda --dtype bf16 \
+      --max-new 128 --engines eager,compile --no-hf --out "$D/decode_b1_compile.json"
+    grep -E "^\||^NVIDIA|rror" "$D/decode_b1_compile.log"
     step "1. training cost with torch.compile (SDPA, fixed k, then k drawn)"
     for flags in "--fixed-k --compile" "--compile"; do
       echo "--- $flags"
-      timeout $(lim 150) $PY bench_train.py --init $SMOL --data $GSMDATA $TRAIN --device cuda $flags \
-        2>&1 | grep -E "^\||MTP / NTP|^\{" | tee -a "$D/train_cost_compile.txt"
+      run_to 150 "$D/train_cost_compile${flags// /}.log" $PY bench_train.py --init $SMOL \
+        --data $GSMDATA $TRAIN --device cuda $flags
+      grep -E "^\||MTP / NTP|^\{|rror" "$D/train_cost_compile${flags// /}.log"
     done
   fi
   step "extra done"

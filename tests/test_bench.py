@@ -59,6 +59,27 @@ def test_bench_runs_every_strategy(tmp_path, capsys):
     assert json.loads(last)["n"] == 3        # one machine-readable line last
 
 
+def test_a_killed_bench_keeps_the_strategies_done(tmp_path, monkeypatch):
+    """OUT.json and OUT.md are rewritten after every strategy from static k=1 on: a run killed
+    in its fourth strategy leaves the first three, marked partial, with their speedups."""
+    import bench
+    real, calls = bench.run_strategy, []
+
+    def dies_on_the_fourth(name, *args):
+        calls.append(name)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(name, *args)
+    monkeypatch.setattr(bench, "run_strategy", dies_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_bench(tmp_path, tmp_path / "res")
+    got = json.load(open(tmp_path / "res.json"))
+    assert [r["strategy"] for r in got["results"]] == calls[:3]
+    assert got["header"].endswith("(partial: 3 of 8 strategies)")
+    assert got["results"][1]["strategy"] == "static k=1" and got["results"][1]["speedup"] == 1.0
+    assert open(tmp_path / "res.md").read().count("\n| ") == 5      # header, rule, 3 rows
+
+
 def test_bench_batch_decodes_the_same(tmp_path):
     """--batch 2 (batches of 2 and 1 here) changes the throughput, not what is decoded."""
     one = tiny_bench(tmp_path, tmp_path / "b1")

@@ -97,3 +97,18 @@ def test_cuda_graphs_capture_in_bf16():
         first, _ = generate(m, prompt, max_new_tokens=20, engine=graphs, **rule)
         again, _ = generate(m, prompt, max_new_tokens=20, engine=graphs, **rule)
         assert len(first) == 20 and again == first, rule
+
+
+def test_captures_are_prepared_outside_the_timing():
+    """A new pass shape is captured by prepare() before the pass, and the stats leave it out
+    (setup_ms); the prefill (the first pass, one shape per prompt length) is never captured."""
+    from decode import generate_batch, make_engine
+    m = mtp_model().cuda()
+    prompts = [[59, 15, 1], [58, 30, 41, 27, 18, 40, 33]]
+    graphs = make_engine(m, len(prompts), "graphs")
+    ref, _ = generate_batch(m, prompts, max_new_tokens=12, tau=0.0)
+    first, st1 = generate_batch(m, prompts, max_new_tokens=12, tau=0.0, engine=graphs)
+    again, st2 = generate_batch(m, prompts, max_new_tokens=12, tau=0.0, engine=graphs)
+    assert first == again == ref
+    assert st1["setup_ms"] > 0 and st2["setup_ms"] == 0
+    assert all(T < len(prompts[1]) for T, _ in graphs.captured)      # no prefill shape

@@ -90,6 +90,26 @@ def test_plan_steps():
     assert plan_steps(10, 150.0, 2, 1000) == 10           # over budget already: stop now
 
 
+def test_a_shorter_plan_starts_its_cooldown_from_the_current_lr():
+    """Planned to end before the old cool-down would even start, the run starts it now: the lr
+    does not jump down (it would to 20/500 of the peak with the cool-down left at 500)."""
+    from distill import plan_length
+    cfg = TrainConfig(lr=1.0, warmup=1, steps=1000, cooldown=500, minutes=1.0)
+    plan_length(cfg, 100, 50.0, 1000, 1, torch.device("cpu"), None)   # 10 s left at 0.5 s a step
+    assert (cfg.steps, cfg.cooldown) == (120, 20)
+    assert lr_at(100, cfg) == 1.0 and lr_at(110, cfg) == pytest.approx(0.5)
+
+
+def test_resuming_a_minutes_run_needs_its_plan(tiny_init, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(parse_args(run_args(tiny_init, out, "--steps", "8", "--minutes", "100", "--cooldown", "2",
+                              "--log-every", "2", "--save-every", "4")))
+    planned = json.load(open(out / "args.json"))
+    assert planned["minutes"] == 100 and planned["steps"] == 8
+    assert_exits(main, run_args(tiny_init, out, "--steps", "100", "--resume"), "--steps 8 --cooldown 2",
+                 capsys)
+
+
 @pytest.mark.parametrize("cooldown", [4, 0])
 def test_minutes_sets_the_length_and_the_cooldown_ends_it(tiny_init, tmp_path, monkeypatch, cooldown):
     """--minutes with a clock that advances 1 s per reading: the run plans its length at each
@@ -112,11 +132,11 @@ def test_minutes_sets_the_length_and_the_cooldown_ends_it(tiny_init, tmp_path, m
     assert losses[-1]["step"] == final
     if cooldown:
         cfg = TrainConfig(**state["args"])
-        assert lr_at(final - 1, cfg) == pytest.approx(cfg.lr / cooldown)   # the last cool-down step
+        assert lr_at(final - 1, cfg) == pytest.approx(cfg.lr / cfg.cooldown)   # the last cool-down step
         # re-planning stopped before the cool-down: no plan at or after its first step
         assert all(p["step"] < final - cooldown for p in plans)
     else:
-        assert plans[-1] == {"step": final, "planned_steps": final, "loop_s": plans[-1]["loop_s"]}
+        assert plans[-1]["step"] == plans[-1]["planned_steps"] == final
 
 
 def test_a_new_run_never_mixes_with_an_old_one_in_the_same_out(tiny_init, tmp_path, capsys):
@@ -151,6 +171,8 @@ def test_bad_input_messages(tiny_init, tmp_path, capsys):
     fails(run_args(tiny_init, tmp_path / "o4b", "--precision", "fp16"), "--precision must be auto or fp32")
     fails(run_args(tiny_init, tmp_path / "o4c", "--minutes", "-1"), "--minutes must be >= 0")
     fails(run_args(tiny_init, tmp_path / "o4d", "--minutes", "1", "--resume"), "the first run planned")
+    fails(run_args(tiny_init, tmp_path / "o4e", "--minutes", "1", "--steps", "100", "--cooldown", "99"),
+          "leaves none of --steps 100")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     for name in os.listdir(tiny_init):
