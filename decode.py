@@ -234,20 +234,17 @@ class CudaGraphs:
         return time.perf_counter() - t0
 
     def __call__(self, idx, pos, mask, out_idx):
-        T = idx.size(1)
+        self.prepare(idx, pos, mask, out_idx)             # (generate_batch has, untimed)
         pos, mask, write_at = self._static_inputs(idx, pos, mask, out_idx)
         if not self._replayed():
             self.cache.write_at = write_at
             logits = self.model(idx, pos=pos, mask=mask, cache=self.cache, out_idx=out_idx)
         else:
-            key = (T, out_idx.size(1))
-            if key not in self.captured:                  # (generate_batch prepares it first)
-                self.captured[key] = self._capture(idx, pos, mask, write_at, out_idx)
-            graph, inputs, logits = self.captured[key]
+            graph, inputs, logits = self.captured[idx.size(1), out_idx.size(1)]
             for buf, x in zip(inputs, (idx, pos, mask, write_at, out_idx)):
                 buf.copy_(x)
             graph.replay()
-        self.cache.length += T
+        self.cache.length += idx.size(1)
         return logits
 
     def _capture(self, *inputs):

@@ -777,6 +777,11 @@ def plan_length(cfg, step, loop_s, given, world, device, log):
     log.write(json.dumps({"step": step, "planned_steps": cfg.steps, "cooldown": cfg.cooldown,
                           "loop_s": round(loop_s, 2)}) + "\n")
     log.flush()
+    write_args(cfg)
+
+
+def write_args(cfg):
+    """The run's settings, as planned so far, in OUT/args.json."""
     with open(os.path.join(cfg.out, "args.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
 
@@ -851,8 +856,7 @@ def train(cfg):
         print(f"{'pretrain' if cfg.pretrain else 'distill'}: {n_params / 1e6:.2f}M params on {device}"
               f" x{world}{' (FSDP)' if cfg.fsdp else ''}, {len(seqs)} samples, {accum} x {per_fwd} "
               "sequences per step", flush=True)
-        with open(os.path.join(cfg.out, "args.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
+        write_args(cfg)
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
     amp = autocast(device, cfg)
     K = cfg.k
