@@ -14,7 +14,8 @@ same checkpoint in the same process, and the mean per-token NLL of the outputs u
 a teacher checkpoint (the paper's validation metric; useful where accuracy is near zero).
 With --batch N every strategy, static k=1 included, decodes N problems per forward pass
 (decode.generate_batch): tokens/s and ms/pass are then those of the batch.
-Writes OUT.md (table), OUT.json, and OUT.png (Pareto plot) when matplotlib is installed.
+Writes OUT.md (table), OUT.json, and OUT.png (accuracy against tokens per pass) when matplotlib
+is installed.
 """
 import argparse
 import json
@@ -244,11 +245,8 @@ def write_results(results, strategies, model, header, args, out):
     return md
 
 
-# -----------------------------------------------------------------------------
-# CLI
 
-
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="accuracy vs acceleration vs wall clock")
     p.add_argument("--ckpt", required=True, help="the MTP checkpoint to evaluate")
     p.add_argument("--baseline", help="the step-0 checkpoint, evaluated at k=1 (optional)")
@@ -278,63 +276,121 @@ def main(argv=None):
     p.add_argument("--engine", default="eager",
                    help="eager | graphs (CUDA graphs) | compile (torch.compile + CUDA graphs)")
     p.add_argument("--out", default=None, help="output prefix (default: bench_<data> in the ckpt's parent)")
-    a = p.parse_args(argv)
-    try:
-        a.device = resolve_device(a.device)
-        model = load_for_decoding(a.ckpt, a.device, a.dtype)
-        tok = load_tokenizer(a.ckpt)
-        path = a.data if a.data.endswith(".jsonl") else None
-        if a.limit < 1 or a.batch < 1 or (a.max_new is not None and a.max_new < 1):
-            raise DecodeError("--limit, --batch and --max-new must be >= 1")
-        problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path, a.limit)
-        a.format = a.format if a.format != "auto" else ("fewshot" if a.data == "gsm8k" else "qa")
-        prompter = make_prompter(a.format, tok)
-        teacher = load_for_decoding(a.teacher, a.device) if a.teacher else None   # fp32: the judge
-        baseline = load_for_decoding(a.baseline, a.device, a.dtype) if a.baseline else None
-        statics = sorted({1} | {int(k) for k in a.static.split(",") if k})   # k=1: the reference
-        taus = [float(t) for t in a.taus.split(",") if t]
-        strategies = [(f"static k={k}", model, {"static_k": k}) for k in statics]
+    return p.parse_args(argv)
+
+
+def strategies_for(a, model, baseline):
+    """[(name, model, rule)]: static k (k=1 always: the reference), ConfAdapt, lean and verified
+    rows, the step-0 baseline first."""
+    statics = sorted({1} | {int(k) for k in a.static.split(",") if k})
+    taus = [float(t) for t in a.taus.split(",") if t]
+    strategies = [(f"static k={k}", model, {"static_k": k}) for k in statics]
+    for t in taus:
+        rule = {"tau": t, "k_max": a.k_max}
+        strategies.append((f"ConfAdapt tau={t}", model, rule))
+        if a.lean:
+            strategies.append((f"ConfAdapt tau={t}, lean", model, {**rule, "lean": True}))
+    if not a.no_verified and model.cfg.mtp_token_id is not None:
+        k_max = a.k_max or model.cfg.mtp_k_max or 4
+        strategies.append((f"verified static k={k_max}", model, {"static_k": k_max, "verify": True}))
         for t in taus:
-            rule = {"tau": t, "k_max": a.k_max}
-            strategies.append((f"ConfAdapt tau={t}", model, rule))
+            rule = {"tau": t, "k_max": a.k_max, "verify": True}
+            strategies.append((f"verified ConfAdapt tau={t}", model, rule))
             if a.lean:
-                strategies.append((f"ConfAdapt tau={t}, lean", model, {**rule, "lean": True}))
-        if not a.no_verified and model.cfg.mtp_token_id is not None:
-            k_max = a.k_max or model.cfg.mtp_k_max or 4
-            strategies.append((f"verified static k={k_max}", model,
-                               {"static_k": k_max, "verify": True}))
-            for t in taus:
-                rule = {"tau": t, "k_max": a.k_max, "verify": True}
-                strategies.append((f"verified ConfAdapt tau={t}", model, rule))
-                if a.lean:
-                    strategies.append((f"verified ConfAdapt tau={t}, lean", model,
-                                       {**rule, "lean": True}))
-        if baseline is not None:
-            strategies.insert(0, ("baseline k=1 (step 0)", baseline, {"static_k": 1}))
-        for name, m, rule in strategies:        # bad settings fail now, not after an hour
-            check_request(m, [0], rule.get("static_k"), rule.get("tau"), rule.get("k_max"))
-        longest = max(len(prompter(row["question"])) for row in problems)
-        context = min(m.cfg.max_seq_len for _, m, _ in strategies)
-        if a.max_new is None:
-            a.max_new = max(1, min(256, context - longest))
-        for m in {id(m): m for _, m, _ in strategies}.values():
-            if longest + a.max_new > m.cfg.max_seq_len:
-                raise DecodeError(f"the longest prompt ({longest} tokens) + --max-new {a.max_new} "
-                                  f"exceeds the model's context ({m.cfg.max_seq_len}): lower "
-                                  "--max-new or use a shorter --format")
-        # the static cache of --engine graphs: the longest prompt, then every pass's slots. One
-        # prompt caches its real tokens only; a batch shares slots, and each pass adds the
-        # widest row's new tokens (at most `widest`, one pass per committed token at worst)
-        widest = max(statics + [a.k_max or model.cfg.mtp_k_max or 4])
-        grown = a.max_new if a.batch == 1 else widest * (a.max_new + 1)
-        a.capacity = longest + grown + 2 * widest
-        trained = model.cfg.mtp_k_max
-        strategies = [(name + " (beyond trained k_max)" if rule.get("static_k", 0) > (trained or 99)
-                       else name, m, rule) for name, m, rule in strategies]
+                strategies.append((f"verified ConfAdapt tau={t}, lean", model, {**rule, "lean": True}))
+    if baseline is not None:
+        strategies.insert(0, ("baseline k=1 (step 0)", baseline, {"static_k": 1}))
+    trained = model.cfg.mtp_k_max
+    return [(name + " (beyond trained k_max)" if rule.get("static_k", 0) > (trained or 99) else name,
+             m, rule) for name, m, rule in strategies]
+
+
+def size_run(a, model, strategies, problems, prompter):
+    """Check every strategy now (bad settings fail before an hour of decoding) and set
+    a.max_new and a.capacity (the static cache of --engine graphs) from the longest prompt."""
+    for name, m, rule in strategies:
+        check_request(m, [0], rule.get("static_k"), rule.get("tau"), rule.get("k_max"))
+    longest = max(len(prompter(row["question"])) for row in problems)
+    context = min(m.cfg.max_seq_len for _, m, _ in strategies)
+    if a.max_new is None:
+        a.max_new = max(1, min(256, context - longest))
+    for m in {id(m): m for _, m, _ in strategies}.values():
+        if longest + a.max_new > m.cfg.max_seq_len:
+            raise DecodeError(f"the longest prompt ({longest} tokens) + --max-new {a.max_new} "
+                              f"exceeds the model's context ({m.cfg.max_seq_len}): lower "
+                              "--max-new or use a shorter --format")
+    # the longest prompt, then every pass's slots. One prompt caches its real tokens only; a
+    # batch shares slots, and each pass adds the widest row's new tokens (at most `widest`,
+    # one pass per committed token at worst)
+    widest = max([rule.get("static_k", 1) for _, _, rule in strategies]
+                 + [a.k_max or model.cfg.mtp_k_max or 4])
+    grown = a.max_new if a.batch == 1 else widest * (a.max_new + 1)
+    a.capacity = longest + grown + 2 * widest
+
+
+def load(a):
+    """(model, tokenizer, problems, prompter, teacher, baseline, strategies) for the options."""
+    a.device = resolve_device(a.device)
+    model = load_for_decoding(a.ckpt, a.device, a.dtype)
+    tok = load_tokenizer(a.ckpt)
+    path = a.data if a.data.endswith(".jsonl") else None
+    if a.limit < 1 or a.batch < 1 or (a.max_new is not None and a.max_new < 1):
+        raise DecodeError("--limit, --batch and --max-new must be >= 1")
+    problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path, a.limit)
+    a.format = a.format if a.format != "auto" else ("fewshot" if a.data == "gsm8k" else "qa")
+    prompter = make_prompter(a.format, tok)
+    teacher = load_for_decoding(a.teacher, a.device) if a.teacher else None   # fp32: the judge
+    baseline = load_for_decoding(a.baseline, a.device, a.dtype) if a.baseline else None
+    strategies = strategies_for(a, model, baseline)
+    size_run(a, model, strategies, problems, prompter)
+    return model, tok, problems, prompter, teacher, strategies
+
+
+def progress_printer(total, n):
+    """progress(s, name, i): a terminal gets one line rewritten in place; a log file a line
+    every 30 s."""
+    t0, tty, last = time.perf_counter(), sys.stderr.isatty(), [time.perf_counter()]
+
+    def progress(s, name, i):
+        now, done = time.perf_counter(), s * n + i
+        if not tty and i < n and now - last[0] < 30:
+            return
+        last[0] = now
+        eta = (now - t0) / done * (total - done)
+        line = f"{name:<22} {i}/{n} | overall {done}/{total} | ETA {int(eta // 60)}:{int(eta % 60):02d}"
+        print("\r" + line + "   " if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+    return progress
+
+
+def report(results, md, a, device, out):
+    """The table, the plot and the JSON line; exit 2 if a verified output differs from static
+    k=1 in fp32 (in bf16 a wide pass and a one-token pass may round a near tie differently)."""
+    print(md)
+    print(f"wrote {out}.md and {out}.json")
+    pareto_plot(results, out + ".png")
+    best = max((r for r in results if r["strategy"].startswith("ConfAdapt")),
+               key=lambda r: r["eff_k"], default=None)
+    print(json.dumps({"bench": a.data, "n": results[0]["n"], "device": device, "batch": a.batch,
+                      "results": {r["strategy"]: [round(r["acc"], 4), round(r["eff_k"], 3),
+                                                  round(r["speedup"], 3)] for r in results},
+                      "max_confadapt_eff_k": best and round(best["eff_k"], 3)}))
+    broken = [r for r in results if r["strategy"].startswith("verified") and r["same_as_k1"] < 1]
+    for r in broken:
+        n = round((1 - r["same_as_k1"]) * r["n"])
+        line = (f"{r['strategy']}: {n} of {r['n']} outputs differ from static k=1 (first at token "
+                f"{r['first_diff']:.1f} on average)")
+        print(("warning (bf16): " if a.dtype == "bf16" else "error: ") + line, file=sys.stderr)
+    if broken and a.dtype != "bf16":
+        sys.exit(2)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        model, tok, problems, prompter, teacher, strategies = load(a)
     except (DecodeError, CheckpointError, TokenizerError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else \
         f"CPU ({torch.get_num_threads()} threads)"
     header = (f"{a.data}, {len(problems)} problems, format {a.format}, checkpoint {a.ckpt}, "
@@ -345,51 +401,19 @@ def main(argv=None):
     # graphs) the k=1 pass's capture; its engine is the one the first batch then uses
     first = [prompter(row["question"]) for row in problems[:a.batch]]
     engines = {(id(model), len(first)): make_engine(model, len(first), a.engine, a.capacity)}
-    generate_batch(model, first, max_new_tokens=16, static_k=1,
-                   engine=engines[(id(model), len(first))])
-    total = len(strategies) * len(problems)
-    t0 = time.perf_counter()
+    generate_batch(model, first, max_new_tokens=16, static_k=1, engine=engines[(id(model), len(first))])
+
+    progress = progress_printer(len(strategies) * len(problems), len(problems))
     results, scored = [], {}                  # scored: the teacher's NLL of each output, once
-    tty, last_line = sys.stderr.isatty(), [t0]
     for s, (name, m, rule) in enumerate(strategies):
-        def progress(i, s=s, name=name):
-            # a terminal gets one line rewritten in place; a log file a line every 30 s
-            now, done = time.perf_counter(), s * len(problems) + i
-            if not tty and i < len(problems) and now - last_line[0] < 30:
-                return
-            last_line[0] = now
-            eta = (now - t0) / done * (total - done)
-            line = (f"{name:<22} {i}/{len(problems)} | overall {done}/{total} | "
-                    f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
-            print("\r" + line + "   " if tty else line, end="" if tty else "\n",
-                  file=sys.stderr, flush=True)
-        results.append(run_strategy(name, m, tok, problems, prompter, rule, a, teacher, progress,
-                                    engines, scored))
+        results.append(run_strategy(name, m, tok, problems, prompter, rule, a, teacher,
+                                    lambda i: progress(s, name, i), engines, scored))
         if len(results) < len(strategies):      # a killed run keeps the strategies done so far
             write_results(results, strategies, model, header +
                           f" (partial: {len(results)} of {len(strategies)} strategies)", a, out)
-    if tty:
+    if sys.stderr.isatty():
         print(file=sys.stderr)
-    md = write_results(results, strategies, model, header, a, out)
-    print(md)
-    print(f"wrote {out}.md and {out}.json")
-    pareto_plot(results, out + ".png")
-    best = max((r for r in results if r["strategy"].startswith("ConfAdapt")),
-               key=lambda r: r["eff_k"], default=None)
-    print(json.dumps({"bench": a.data, "n": len(problems), "device": device, "batch": a.batch,
-                      "results": {r["strategy"]: [round(r["acc"], 4), round(r["eff_k"], 3),
-                                                  round(r["speedup"], 3)] for r in results},
-                      "max_confadapt_eff_k": best and round(best["eff_k"], 3)}))
-    # verified decoding promises static k=1's output: a difference is a bug (in fp32; in bf16 a
-    # wide pass and a one-token pass may round a near tie differently)
-    broken = [r for r in results if r["strategy"].startswith("verified") and r["same_as_k1"] < 1]
-    for r in broken:
-        n = round((1 - r["same_as_k1"]) * r["n"])
-        line = (f"{r['strategy']}: {n} of {r['n']} outputs differ from static k=1 (first at token "
-                f"{r['first_diff']:.1f} on average)")
-        print(("warning (bf16): " if a.dtype == "bf16" else "error: ") + line, file=sys.stderr)
-    if broken and a.dtype != "bf16":
-        sys.exit(2)
+    report(results, write_results(results, strategies, model, header, a, out), a, device, out)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,20 @@
 """
-Multi-token decoding from an MTP checkpoint with a KV cache (METHOD.md, "Inference").
+Multi-token decoding from an MTP checkpoint with a KV cache (docs/METHOD.md, "Inference").
 
     python decode.py --ckpt runs/mtp-synth/ckpt --prompt "Ava has 12 apples. ..." --tau 0.9 --viz
     python decode.py --ckpt DIR --prompt "..." --static-k 3
     python decode.py --ckpt DIR --prompt "..." --tau 0.9 --verify      # output == static k=1
-    python decode.py --ckpt DIR --prompt "..." --tau 0.9 --viz-html chunks.html --device cuda \
-        --dtype bf16 --engine graphs
+    python decode.py --ckpt DIR --prompt "..." --device cuda --dtype bf16 --engine graphs
 
-Each step feeds the newly accepted tokens plus k_max-1 <MTP> tokens, reads k_max candidates from
+Each pass feeds the newly accepted tokens plus k_max-1 <MTP> tokens, reads k_max candidates from
 one forward pass, accepts a leading run of them (static k, or ConfAdapt: all top-1 probabilities
 above tau), and pops the <MTP> entries from the cache; accepted tokens enter the cache as inputs of
-the next step, so after every step the cache holds real tokens only. generate_batch decodes
-several prompts in one forward per step; the cache then also holds padding that no one attends to.
-With --verify the tokens accepted from <MTP> slots are provisional until the next pass confirms
-them (METHOD.md, "Verified mode"); --lean reads fewer candidates where few are accepted. On a GPU,
---engine graphs replays each pass from a CUDA graph over a static cache.
+the next pass, so after every pass the cache holds real tokens only. `generate` does this for one
+prompt in one short loop (read it first); `generate_batch` decodes several prompts in one forward
+per pass, and is tested equal to it. With --verify the tokens accepted from <MTP> slots are
+provisional until the next pass confirms them (docs/METHOD.md, "Verified mode"); --lean reads
+fewer candidates where few are accepted. On a GPU, --engine graphs replays each pass from a CUDA
+graph over a static cache (fast/cuda_graphs.py).
 """
 import argparse
 import html
@@ -50,6 +50,124 @@ def accept_confadapt(conf, tau):
 
 
 # -----------------------------------------------------------------------------
+# One prompt: commit what a pass confirmed and accepted, the loop around it
+
+
+def check_request(model, prompt_ids, static_k, tau, k_max):
+    """Validate a request; returns the number of candidates read per pass."""
+    cfg = model.cfg
+    if len(prompt_ids) == 0:
+        raise DecodeError("the prompt is empty: give at least one token")
+    if len(prompt_ids) >= cfg.max_seq_len:
+        raise DecodeError(f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                          f"{cfg.max_seq_len}: shorten it")
+    if (static_k is None) == (tau is None):
+        raise DecodeError("choose one rule: static_k (static k) or tau (ConfAdapt)")
+    if tau is not None and not 0.0 <= tau <= 1.0:
+        raise DecodeError(f"tau must be in [0, 1], got {tau}")
+    if static_k is not None and static_k < 1:
+        raise DecodeError(f"static k must be >= 1, got {static_k}")
+    if k_max is not None and k_max < 1:
+        raise DecodeError(f"k_max must be >= 1, got {k_max}")
+    n = static_k if static_k is not None else (k_max or cfg.mtp_k_max or 4)
+    if n > 1 and cfg.mtp_token_id is None:
+        raise DecodeError(f"this checkpoint has no <MTP> token, so it predicts one token per pass; "
+                          f"k={n} needs a model trained by distill.py (or use static k=1)")
+    return n
+
+
+def commit_row(new, pending, guess, cands, take, verify, stops):
+    """One row's commit step after a pass: verification, then the acceptance rule's chunk.
+
+    new: the tokens the pass fed, the last `pending` of them provisional (accepted from <MTP>
+    slots by the pass before); guess: the model's own next token read at each provisional
+    token's predecessor; cands: the candidates read (the prediction at the last new token, then
+    the masks'), of which the rule accepts `take`. The longest provisional prefix that `guess`
+    confirms is committed; at the first disagreement the model's own token is committed instead,
+    the rest of `new` leaves the cache, and `cands` (read after a wrong token) are thrown away.
+    Without `verify` nothing is pending and the whole chunk is committed at once.
+    Returns (r confirmed, committed, fresh: the committed tokens not yet in the cache, proposed:
+    the next provisional run, kept: how many of `new` stay in the cache). A committed stop token
+    ends the row's output; a proposed one is trimmed after and waits for its confirmation.
+    """
+    w, r = len(new), 0
+    while r < pending and new[w - pending + r] == guess[r]:
+        r += 1
+    fresh, proposed, kept = [], [], w
+    if r < pending:                    # the first disagreement: the model's token, drop the rest
+        fresh, kept = [guess[r]], w - pending + r
+    elif cands:
+        chunk = cands[:take]
+        fresh, proposed = (chunk[:1], chunk[1:]) if verify else (chunk, [])
+    committed = new[w - pending:w - pending + r] + fresh
+    hit = next((i for i, t in enumerate(committed) if t in stops), None)
+    if hit is not None:                                   # a committed stop token: trim after it
+        committed, proposed = committed[:hit + 1], []
+    else:                                                 # a provisional one is verified first
+        hit = next((i for i, t in enumerate(proposed) if t in stops), None)
+        proposed = proposed if hit is None else proposed[:hit + 1]
+    return r, committed, fresh, proposed, kept
+
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens=256, static_k=None, tau=None, k_max=None,
+             stop_ids=(), verify=False):
+    """Greedy multi-token generation from one prompt: the whole method in one loop.
+
+    static_k: accept exactly k tokens per pass; tau: ConfAdapt(tau) over k_max candidates
+    (k_max from the checkpoint's config, `mtp_k_max`, unless given). verify: tokens accepted
+    from <MTP> slots are provisional until the next pass confirms them (commit_row), so the
+    output is the model's greedy k=1 output. Returns (new token ids, stats): passes, tokens,
+    effective_k, and per pass the committed count (accepted), the candidates' top-1
+    confidences and the cache's length after the pop (cache_lens); confirmed and rejected
+    provisional tokens; stopped (a stop token ended it), context_full.
+    """
+    n_cand = check_request(model, prompt_ids, static_k, tau, k_max)
+    if max_new_tokens < 1:
+        raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    mtp, stops, ctx = model.cfg.mtp_token_id, set(stop_ids), model.cfg.max_seq_len
+    cache, out = KVCache(), []
+    new, pending = list(prompt_ids), 0    # tokens to feed; the last `pending` are provisional
+    st = {"accepted": [], "confidences": [], "cache_lens": [], "confirmed": 0, "rejected": 0,
+          "stopped": False, "context_full": False}
+    while True:
+        room, left = ctx - len(cache) - len(new), max_new_tokens - len(out) - pending
+        n = 0 if pending and new[-1] in stops else max(0, min(n_cand, room, left))
+        if not new or (n == 0 and not pending):            # done: nothing to read or verify
+            st["context_full"] = room < 1 and left > 0 and not st["stopped"]
+            break
+        # one forward: the new tokens and n-1 <MTP> slots; logits at the provisional tokens'
+        # predecessors (to verify them), at the last new token and at each slot (candidates)
+        masks, w = max(0, n - 1), len(new)
+        idx = torch.tensor([new + [mtp] * masks], device=model.device)
+        out_idx = torch.arange(w - pending - 1, w + masks, device=model.device)[None]
+        logits = model(idx, cache=cache, out_idx=out_idx)[0]     # (pending + 1 + masks, V)
+        if mtp is not None:
+            logits[:, mtp] = -torch.inf                          # <MTP> is never an output
+        conf, cand = logits.float().softmax(-1).max(-1)
+        rule = accept_static(conf[pending:], static_k) if static_k is not None \
+            else accept_confadapt(conf[pending:], tau)
+        cands = cand[pending:pending + n].tolist()
+        r, committed, fresh, proposed, kept = commit_row(
+            new, pending, cand[:pending].tolist(), cands, int(rule), verify, stops)
+        cache.truncate(len(cache) - w - masks + kept)            # pop: <MTP> slots, rejections
+        committed = committed[:max_new_tokens - len(out)]
+        out += committed
+        st["confirmed"], st["rejected"] = st["confirmed"] + r, st["rejected"] + pending - r
+        st["accepted"].append(len(committed))
+        st["confidences"].append([round(c, 4) for c in conf[pending:pending + n].tolist()])
+        st["cache_lens"].append(len(cache))
+        st["stopped"] = bool(out) and out[-1] in stops
+        if st["stopped"] or len(out) >= max_new_tokens:
+            break
+        new, pending = fresh + proposed, len(proposed)
+    passes = len(st["accepted"])
+    return out, {**st, "passes": passes, "tokens": len(out), "effective_k": len(out) / max(1, passes),
+                 "histogram": dict(sorted(Counter(st["accepted"]).items()))}
+
+
+# -----------------------------------------------------------------------------
 # Timing: CUDA events around exactly each forward on the GPU, the host clock on the CPU
 
 
@@ -82,31 +200,9 @@ class PassTimer:
         return self.ms
 
 
+
 # -----------------------------------------------------------------------------
-# Generation: prefill and every later step are the same forward, for a batch of prompts
-
-
-def check_request(model, prompt_ids, static_k, tau, k_max):
-    """Validate a request; returns the number of candidates read per pass."""
-    cfg = model.cfg
-    if len(prompt_ids) == 0:
-        raise DecodeError("the prompt is empty: give at least one token")
-    if len(prompt_ids) >= cfg.max_seq_len:
-        raise DecodeError(f"the prompt has {len(prompt_ids)} tokens; the model's context is "
-                          f"{cfg.max_seq_len}: shorten it")
-    if (static_k is None) == (tau is None):
-        raise DecodeError("choose one rule: static_k (static k) or tau (ConfAdapt)")
-    if tau is not None and not 0.0 <= tau <= 1.0:
-        raise DecodeError(f"tau must be in [0, 1], got {tau}")
-    if static_k is not None and static_k < 1:
-        raise DecodeError(f"static k must be >= 1, got {static_k}")
-    if k_max is not None and k_max < 1:
-        raise DecodeError(f"k_max must be >= 1, got {k_max}")
-    n = static_k if static_k is not None else (k_max or cfg.mtp_k_max or 4)
-    if n > 1 and cfg.mtp_token_id is None:
-        raise DecodeError(f"this checkpoint has no <MTP> token, so it predicts one token per pass; "
-                          f"k={n} needs a model trained by distill.py (or use static k=1)")
-    return n
+# The layout of a batched pass: each row's tokens, positions and mask in one padded input
 
 
 def step_layout(new, n_real, n_masks, n_reads, mtp):
@@ -149,7 +245,8 @@ def step_mask(cached, real):
 
 
 # -----------------------------------------------------------------------------
-# Forward engines: how one pass runs. Eager is the reference; CudaGraphs replays captured passes
+# Forward engines: how one pass runs. Eager is the reference; fast/cuda_graphs.py replays
+# captured passes over a static cache on a GPU
 
 
 class Eager:
@@ -171,96 +268,6 @@ class Eager:
         return self.model(idx, pos=pos, mask=mask, cache=self.cache, out_idx=out_idx)
 
 
-class CudaGraphs:
-    """Decoding passes replayed from CUDA graphs over a static KVCache (model.KVCache.static).
-
-    A pass of T tokens reading n logits per row is captured once per (T, n) and replayed after
-    that: one launch instead of a few hundred small kernels, which is what a small model at a
-    small batch is bound by on a GPU. Inputs are copied into the graph's own tensors first. The
-    prefill (the first pass after reset: one shape per prompt length) runs uncaptured on the same
-    cache. prepare() captures a new shape ahead of its pass, so that callers can time the pass
-    without the capture. compile=True
-    captures torch.compile'd passes instead of eager ones. graphs=False runs the very same
-    static-cache passes uncaptured: the layout check on a machine without a GPU.
-    """
-
-    def __init__(self, model, batch, capacity, graphs=True, compile=False):
-        cfg = model.cfg
-        self.model, self.capacity, self.batch = model, capacity, batch
-        self.graphs = graphs and model.device.type == "cuda"
-        self.cache = KVCache.static(cfg, batch, capacity, model.embed.weight.dtype, model.device)
-        self.fn = torch.compile(model, dynamic=False) if compile else model
-        self.captured = {}              # (T, n) -> (graph, static inputs, static logits)
-
-    def reset(self):
-        """Empty the cache (its stale slots are masked out); captured graphs stay valid."""
-        self.cache.length = 0
-
-    def _pass(self, idx, pos, mask, write_at, out_idx):
-        self.cache.write_at = write_at
-        return self.fn(idx, pos=pos, mask=mask, cache=self.cache, out_idx=out_idx)
-
-    def _static_inputs(self, idx, pos, mask, out_idx):
-        """A pass's inputs in the static cache's layout: (pos, mask over every slot, write_at)."""
-        B, T = idx.shape
-        L, device = len(self.cache), idx.device
-        if L + T > self.capacity:
-            raise DecodeError(f"the static cache holds {self.capacity} slots; this pass needs {L + T}")
-        if pos is None:                                   # no padding: positions continue the cache
-            pos = torch.arange(L, L + T, device=device).expand(B, T)
-        slot = torch.arange(self.capacity, device=device)
-        if mask is None:                                  # causal over the real slots
-            mask = (slot[None, :] <= L + torch.arange(T, device=device)[:, None]).expand(B, T, -1)
-        else:                                             # (B, T, L + T) -> (B, T, capacity)
-            mask = torch.nn.functional.pad(mask, (0, self.capacity - mask.size(-1)))
-        return pos, mask, slot[L:L + T]
-
-    def _replayed(self):
-        """Passes after the prefill are replayed; the prefill (the first pass after reset, one
-        shape per prompt length) runs as it comes."""
-        return self.graphs and len(self.cache) > 0
-
-    def prepare(self, idx, pos, mask, out_idx):
-        """Capture this pass's shape if it is new, before the pass is timed: returns the seconds
-        it took (device synchronized at both ends), 0.0 if there was nothing to capture. The
-        capture's warm-up passes write the same k/v that the pass itself then writes."""
-        key = (idx.size(1), out_idx.size(1))
-        if not self._replayed() or key in self.captured:
-            return 0.0
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        self.captured[key] = self._capture(idx, *self._static_inputs(idx, pos, mask, out_idx), out_idx)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    def __call__(self, idx, pos, mask, out_idx):
-        self.prepare(idx, pos, mask, out_idx)             # (generate_batch has, untimed)
-        pos, mask, write_at = self._static_inputs(idx, pos, mask, out_idx)
-        if not self._replayed():
-            self.cache.write_at = write_at
-            logits = self.model(idx, pos=pos, mask=mask, cache=self.cache, out_idx=out_idx)
-        else:
-            graph, inputs, logits = self.captured[idx.size(1), out_idx.size(1)]
-            for buf, x in zip(inputs, (idx, pos, mask, write_at, out_idx)):
-                buf.copy_(x)
-            graph.replay()
-        self.cache.length += idx.size(1)
-        return logits
-
-    def _capture(self, *inputs):
-        inputs = [x.clone() for x in inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                     # warm-up (and compilation) off-graph;
-            for _ in range(2):                            # it writes the same k/v the replay will
-                self._pass(*inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._pass(*inputs)
-        return graph, inputs, logits
-
-
 def make_engine(model, batch, engine="eager", capacity=None):
     """engine: eager | graphs (CUDA graphs) | compile (torch.compile + CUDA graphs) | static
     (the graphs' static-cache layout, uncaptured: for checking it on the CPU)."""
@@ -270,12 +277,13 @@ def make_engine(model, batch, engine="eager", capacity=None):
         raise DecodeError(f"unknown engine {engine!r}: eager, graphs, compile or static")
     if engine != "static" and model.device.type != "cuda":
         raise DecodeError(f"engine {engine!r} needs a CUDA device; use eager (or static) on the CPU")
+    from fast.cuda_graphs import CudaGraphs
     return CudaGraphs(model, batch, capacity or model.cfg.max_seq_len,
                       graphs=engine != "static", compile=engine == "compile")
 
 
 # -----------------------------------------------------------------------------
-# Generation: prefill and every later pass are the same forward, for a batch of prompts
+# A batch of prompts: one forward per pass for all of them, each row accepting its own tokens
 
 
 def next_slots(state, take, n_max):
@@ -298,69 +306,117 @@ def next_slots(state, take, n_max):
     return (2, misses, 0) if idle >= 2 ** misses - 1 else (1, misses, idle)
 
 
-def commit_row(new, pending, guess, cands, take, verify, stops):
-    """One row's commit step after a pass: verification, then the acceptance rule's chunk.
+class Row:
+    """One prompt's state in generate_batch: what it feeds next, what it has, its stats."""
 
-    new: the tokens the pass fed, the last `pending` of them provisional (accepted from <MTP>
-    slots by the pass before); guess: the model's own next token read at each provisional
-    token's predecessor; cands: the candidates read (the prediction at the last new token, then
-    the masks'), of which the rule accepts `take`. The longest provisional prefix that `guess`
-    confirms is committed; at the first disagreement the model's own token is committed instead,
-    the rest of `new` leaves the cache, and `cands` (read after a wrong token) are thrown away.
-    Without `verify` nothing is pending and the whole chunk is committed at once.
-    Returns (r confirmed, committed, fresh: the committed tokens not yet in the cache, proposed:
-    the next provisional run, kept: how many of `new` stay in the cache). A committed stop token
-    ends the row's output; a proposed one is trimmed after and waits for its confirmation.
-    """
-    w, r = len(new), 0
-    while r < pending and new[w - pending + r] == guess[r]:
-        r += 1
-    fresh, proposed, kept = [], [], w
-    if r < pending:                    # the first disagreement: the model's token, drop the rest
-        fresh, kept = [guess[r]], w - pending + r
-    elif cands:
-        chunk = cands[:take]
-        fresh, proposed = (chunk[:1], chunk[1:]) if verify else (chunk, [])
-    committed = new[w - pending:w - pending + r] + fresh
-    hit = next((i for i, t in enumerate(committed) if t in stops), None)
-    if hit is not None:                                   # a committed stop token: trim after it
-        committed, proposed = committed[:hit + 1], []
-    else:                                                 # a provisional one is verified first
-        hit = next((i for i, t in enumerate(proposed) if t in stops), None)
-        proposed = proposed if hit is None else proposed[:hit + 1]
-    return r, committed, fresh, proposed, kept
+    def __init__(self, prompt, n_cand):
+        self.new = list(prompt)     # tokens entering the cache next pass; the last `pending` of
+        self.pending = 0            # them are provisional (verify), the others committed
+        self.n_real = 0             # real tokens this row has cached
+        self.lean = (n_cand, 0, 0)  # candidates this row reads (--lean adapts it: next_slots)
+        self.out, self.done = [], False
+        self.stats = {"accepted": [], "confidences": [], "cache_lens": [], "confirmed": 0,
+                      "rejected": 0, "context_full": False, "stopped": False}
+
+
+def plan_reads(rows, n_cand, max_new_tokens, ctx, stops):
+    """How many candidates each row reads this pass (0: it only verifies its provisional run);
+    a row with nothing left to read or verify is marked done."""
+    reads = []
+    for row in rows:
+        n = 0
+        if not row.done:
+            room = ctx - row.n_real - len(row.new)        # every emitted token fits the context
+            left = max_new_tokens - len(row.out) - row.pending
+            stop_pending = row.pending and row.new[-1] in stops
+            n = max(0, min(row.lean[0], room, left, 0 if stop_pending else n_cand))
+            if not row.new or (n == 0 and not row.pending):
+                row.done = True
+                row.stats["context_full"] = room < 1 and left > 0 and not row.stats["stopped"]
+        reads.append(n)
+    return reads
+
+
+def batched_pass(run, timer, rows, R, masks, cached, mtp, device):
+    """One forward for every row: each row's new tokens, then its <MTP> slots. Returns the
+    logits (B, R + M, V) at each row's last R new tokens and its M slots, is_new (B, W) (the
+    slots that stay in the cache as real tokens; None at batch 1) and the seconds spent
+    capturing a new pass shape."""
+    if len(rows) == 1:   # nothing to pad: skip the layout, whose small ops cost ~10% of a tiny pass
+        w, m = len(rows[0].new), masks[0]
+        idx = torch.tensor(rows[0].new + [mtp] * m, device=device)[None]
+        out_idx = torch.arange(w - R, w + m, device=device)[None]
+        setup = run.prepare(idx, None, None, out_idx)             # a new graph: untimed
+        with timer:
+            return run(idx, None, None, out_idx), None, setup    # (1, R + m, V)
+    # laid out on the CPU, then one copy per tensor to the device (not one per row)
+    reads = [row.pending + 1 if not row.done else 1 for row in rows]
+    idx, pos, is_new, real, out_idx = (t.to(device) for t in step_layout(
+        [torch.tensor(row.new, dtype=torch.long) for row in rows], [row.n_real for row in rows],
+        masks, reads, mtp))
+    padded = not (real.all() and cached.all())
+    # no padding: the model's own causal mask and positions
+    mask, pos = (step_mask(cached, real), pos) if padded else (None, None)
+    setup = run.prepare(idx, pos, mask, out_idx)
+    with timer:
+        return run(idx, pos, mask, out_idx), is_new, setup            # (B, R + M, V)
+
+
+def commit_pass(rows, logits, R, reads, rule, verify, lean, n_cand, stops, max_new_tokens, stop_fn):
+    """Every active row's commit step (commit_row) on this pass's logits (B, R + M, V). Returns
+    how many of each row's new tokens stay in the cache."""
+    conf, cand = logits.float().softmax(-1).max(-1)              # (B, R + M)
+    # the acceptance rule, on each row's candidates: the prediction at its last new token,
+    # then its masks' (columns R-1 on)
+    take = rule(conf[:, R - 1:]).tolist()
+    conf_l, cand_l = conf.tolist(), cand.tolist()
+    kept = [0] * len(rows)
+    for b, row in enumerate(rows):
+        if row.done:
+            continue
+        p, cands, st = row.pending, cand_l[b][R - 1:R - 1 + reads[b]], row.stats
+        r, committed, fresh, proposed, kept[b] = commit_row(
+            row.new, p, cand_l[b][R - 1 - p:R - 1], cands, take[b], verify, stops)
+        if lean and r == p and cands:
+            row.lean = next_slots(row.lean, min(take[b], len(cands)), n_cand)
+        st["confirmed"] += r
+        st["rejected"] += p - r
+        committed = committed[:max_new_tokens - len(row.out)]
+        row.out += committed
+        st["accepted"].append(len(committed))
+        st["confidences"].append([round(c, 4) for c in conf_l[b][R - 1:R - 1 + reads[b]]])
+        row.n_real += kept[b]
+        st["cache_lens"].append(row.n_real)
+        st["stopped"] = bool(row.out) and row.out[-1] in stops
+        if (st["stopped"] or len(row.out) >= max_new_tokens
+                or (stop_fn is not None and stop_fn(row.out))):
+            row.done, proposed = True, []
+        row.new, row.pending = ([], 0) if row.done else (fresh + proposed, len(proposed))
+    return kept
 
 
 @torch.no_grad()
 def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, k_max=None,
                    stop_ids=(), stop_fn=None, timer=None, verify=False, lean=False,
                    engine="eager"):
-    """Greedy multi-token generation from several prompts at once: one forward per pass for all
-    of them, each row accepting its own number of tokens.
+    """generate for several prompts at once: one forward per pass for all of them, each row
+    accepting its own number of tokens; a row's output is what generate gives for its prompt.
 
-    static_k: accept exactly k tokens per pass; tau: ConfAdapt(tau) over k_max candidates
-    (k_max from the checkpoint's config, `mtp_k_max`, unless given). stop_fn(ids) -> bool ends a
-    row after a pass (e.g. a stop string in the text).
-    verify: tokens accepted from <MTP> slots are provisional. The next pass feeds them anyway and
-    reads the model's own next-token prediction at each; the longest prefix those predictions
-    confirm is committed, and at the first disagreement the model's own token is committed
-    instead, the rest is dropped from the cache, and that pass's candidates (read after a wrong
-    token) are thrown away. The output is then the model's greedy k=1 output, token for token.
-    lean: each row reads as many candidates as its recent acceptance suggests (next_slots).
-    engine: a make_engine name, or a ready engine object (one per batch shape).
+    The rules, verify and stop_ids are generate's. stop_fn(ids) -> bool ends a row after a pass
+    (e.g. a stop string in the text). lean: each row reads as many candidates as its recent
+    acceptance suggests (next_slots). engine: a make_engine name, or a ready engine object (one
+    per batch shape).
 
     Returns (new token ids per prompt, stats): passes (forwards of the batch), tokens (all rows),
     the time of each forward (ms), their sum (forward_ms), the whole call's wall time less the
     CUDA-graph captures of new pass shapes (wall_ms, which tokens_per_s uses; the captures:
-    setup_ms), and rows: per prompt its passes, tokens, effective_k (committed tokens per pass),
-    per-pass committed counts (accepted) and top-1 confidences of the candidates, its real cached
-    tokens after each pass (cache_lens), provisional tokens confirmed and rejected, stopped and
-    context_full.
+    setup_ms), and rows: per prompt generate's stats.
 
     All rows share one KVCache. A row's shorter input leaves padding slots in it, which the mask
     hides from everyone: every non-pad slot of a row is a real token of that row. A finished row
     stays in the batch as padding (dropping it would mean slicing every layer's cache).
     """
+    # --- setup: the request, the engine, one Row per prompt
     if not prompts:
         raise DecodeError("no prompts: give at least one")
     n_cand = max(check_request(model, p, static_k, tau, k_max) for p in prompts)  # all the same
@@ -373,120 +429,52 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
     if run.batch != B:
         raise DecodeError(f"this engine was made for batches of {run.batch}, not {B}")
     run.reset()
-    cache = run.cache
     cached = torch.zeros(B, 0, dtype=torch.bool, device=device)  # (B, L): slot is a real token
-    new = [list(p) for p in prompts]       # tokens entering the cache next pass; the last `pending`
-    pending = [0] * B                      # of them are provisional (verify); the others committed
-    n_real = [0] * B                       # real tokens each row has cached
-    lean_state = [(n_cand, 0, 0)] * B      # candidates each row reads (lean: adapts, next_slots)
-    outs = [[] for _ in range(B)]
-    rows = [{"accepted": [], "confidences": [], "cache_lens": [], "confirmed": 0, "rejected": 0,
-             "context_full": False, "stopped": False} for _ in range(B)]
-    stops, passes, done = set(stop_ids), 0, [False] * B
-    while True:
-        # --- plan: how many candidates each row reads (0: it only verifies its provisional run)
-        n_read = [0] * B
-        for b in range(B):
-            if done[b]:
-                continue
-            room = ctx - n_real[b] - len(new[b])          # every emitted token fits the context
-            left = max_new_tokens - len(outs[b]) - pending[b]
-            stop_pending = pending[b] and new[b][-1] in stops
-            n_read[b] = max(0, min(lean_state[b][0], room, left, 0 if stop_pending else n_cand))
-            if not new[b] or (n_read[b] == 0 and not pending[b]):
-                done[b] = True
-                rows[b]["context_full"] = room < 1 and left > 0 and not rows[b]["stopped"]
-        active = [b for b in range(B) if not done[b]]
-        if not active:
-            break
-        masks = [max(0, n - 1) for n in n_read]           # <MTP> slots of each row
-        reads = [pending[b] + 1 if not done[b] else 1 for b in range(B)]
-        R = max(reads)
+    rows, stops, passes = [Row(p, n_cand) for p in prompts], set(stop_ids), 0
+    rule = (lambda c: accept_static(c, static_k)) if static_k is not None \
+        else (lambda c: accept_confadapt(c, tau))
 
-        # --- one forward pass for every row
-        if B == 1:   # nothing to pad: skip the layout, whose small ops cost ~10% of a tiny pass
-            w, m = len(new[0]), masks[0]
-            idx = torch.tensor(new[0] + [mtp] * m, device=device)[None]
-            out_idx = torch.arange(w - R, w + m, device=device)[None]
-            setup_s += run.prepare(idx, None, None, out_idx)          # a new graph: untimed
-            with timer:
-                logits = run(idx, None, None, out_idx)                # (1, R + m, V)
-        else:
-            # laid out on the CPU, then one copy per tensor to the device (not one per row)
-            idx, pos, is_new, real, out_idx = (t.to(device) for t in step_layout(
-                [torch.tensor(x, dtype=torch.long) for x in new], n_real, masks, reads, mtp))
-            padded = not (real.all() and cached.all())
-            # no padding: the model's own causal mask and positions
-            mask, pos = (step_mask(cached, real), pos) if padded else (None, None)
-            setup_s += run.prepare(idx, pos, mask, out_idx)
-            with timer:
-                logits = run(idx, pos, mask, out_idx)                 # (B, R + M, V)
+    # --- the passes: plan the reads, one forward, commit per row, pop the cache
+    while True:
+        reads = plan_reads(rows, n_cand, max_new_tokens, ctx, stops)
+        if all(row.done for row in rows):
+            break
+        masks = [max(0, n - 1) for n in reads]           # <MTP> slots of each row
+        # logits are read at each row's last R new tokens: the most provisional tokens any row
+        # verifies, plus the last one (its prediction is the first candidate)
+        R = max(row.pending + 1 if not row.done else 1 for row in rows)
+        logits, is_new, setup = batched_pass(run, timer, rows, R, masks, cached, mtp, device)
+        setup_s += setup
         passes += 1
         if mtp is not None:
-            logits[..., mtp] = -torch.inf                            # <MTP> is never an output
-        conf, cand = logits.float().softmax(-1).max(-1)              # (B, R + M)
-        # the acceptance rule, on each row's candidates: the prediction at its last new token,
-        # then its masks' (columns R-1 on)
-        first = conf[:, R - 1:]
-        take = (accept_static(first, static_k) if static_k is not None
-                else accept_confadapt(first, tau)).tolist()
-        conf_l, cand_l = conf.tolist(), cand.tolist()
-
-        # --- commit: per row, what this pass confirmed, corrected and proposed (commit_row)
-        kept = [0] * B                                    # new tokens that stay in the cache
-        for b in active:
-            p, cands = pending[b], cand_l[b][R - 1:R - 1 + n_read[b]]
-            r, committed, fresh, proposed, kept[b] = commit_row(
-                new[b], p, cand_l[b][R - 1 - p:R - 1], cands, take[b], verify, stops)
-            if lean and r == p and cands:
-                lean_state[b] = next_slots(lean_state[b], min(take[b], len(cands)), n_cand)
-            rows[b]["confirmed"] += r
-            rows[b]["rejected"] += p - r
-            committed = committed[:max_new_tokens - len(outs[b])]
-            outs[b] += committed
-            rows[b]["accepted"].append(len(committed))
-            rows[b]["confidences"].append([round(c, 4) for c in conf_l[b][R - 1:R - 1 + n_read[b]]])
-            n_real[b] += kept[b]
-            rows[b]["cache_lens"].append(n_real[b])
-            rows[b]["stopped"] = bool(outs[b]) and outs[b][-1] in stops
-            if (rows[b]["stopped"] or len(outs[b]) >= max_new_tokens
-                    or (stop_fn is not None and stop_fn(outs[b]))):
-                done[b], proposed = True, []
-            new[b], pending[b] = ([], 0) if done[b] else (fresh + proposed, len(proposed))
-
-        # --- pop: the <MTP> slots, and rejected provisional tokens, leave the cache
+            logits[..., mtp] = -torch.inf                # <MTP> is never an output
+        kept = commit_pass(rows, logits, R, reads, rule, verify, lean, n_cand, stops, max_new_tokens,
+                           stop_fn)
+        # pop: the <MTP> slots, and rejected provisional tokens, leave the cache
         if B == 1:
-            cache.truncate(n_real[0])
+            run.cache.truncate(rows[0].n_real)
         else:
             W = is_new.size(1)
-            cache.truncate(cached.size(1) + W)
+            run.cache.truncate(cached.size(1) + W)
             keep = torch.arange(W, device=device)[None] < torch.tensor(kept, device=device)[:, None]
             cached = torch.cat([cached, keep], 1)
+
+    # --- the stats: timings of the whole batch, then each row's
     ms = timer.times()[-passes:]   # synchronizes on CUDA; passes >= 1: every prompt has room
     # everything (forwards, softmax, accept) but one-time CUDA-graph captures, which a server
     # makes once per shape, not once per request
     wall = 1000 * (time.perf_counter() - t_start - setup_s)
-    for out, r in zip(outs, rows):
-        r.update(passes=len(r["accepted"]), tokens=len(out),
-                 effective_k=len(out) / max(1, len(r["accepted"])),
-                 histogram=dict(sorted(Counter(r["accepted"]).items())))
-    tokens = sum(len(out) for out in outs)
+    for row in rows:
+        row.stats.update(passes=len(row.stats["accepted"]), tokens=len(row.out),
+                         effective_k=len(row.out) / max(1, len(row.stats["accepted"])),
+                         histogram=dict(sorted(Counter(row.stats["accepted"]).items())))
+    tokens = sum(len(row.out) for row in rows)
     stats = {"passes": passes, "tokens": tokens, "ms": ms, "forward_ms": sum(ms), "wall_ms": wall,
-             "setup_ms": 1000 * setup_s, "tokens_per_s": 1000 * tokens / wall, "rows": rows}
-    return outs, stats
+             "setup_ms": 1000 * setup_s, "tokens_per_s": 1000 * tokens / wall,
+             "rows": [row.stats for row in rows]}
+    return [row.out for row in rows], stats
 
 
-def generate(model, prompt_ids, max_new_tokens=256, static_k=None, tau=None, k_max=None,
-             stop_ids=(), stop_fn=None, timer=None, verify=False, lean=False, engine="eager"):
-    """Greedy multi-token generation from one prompt: generate_batch with a batch of one.
-
-    Returns (new token ids, stats): the batch's timing stats (passes, ms, forward_ms, wall_ms,
-    tokens_per_s) and the row's (tokens, effective_k, accepted, histogram, confidences,
-    cache_lens, confirmed, rejected, stopped, context_full) in one dict.
-    """
-    outs, st = generate_batch(model, [prompt_ids], max_new_tokens, static_k, tau, k_max,
-                              stop_ids, stop_fn, timer, verify, lean, engine)
-    return outs[0], {**st.pop("rows")[0], **st}
 
 
 # -----------------------------------------------------------------------------
@@ -519,6 +507,7 @@ def viz_html(pieces, title):
             f"<pre style='white-space:pre-wrap'>{spans}</pre></body>")
 
 
+
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -540,6 +529,12 @@ def load_for_decoding(path, device, dtype="fp32"):
     if dtype not in DTYPES:
         raise DecodeError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     return Transformer.from_pretrained(path, device=device, dtype=DTYPES[dtype]).eval()
+
+
+def decode_one(model, ids, **kw):
+    """generate_batch on one prompt: (its tokens, the batch's timings and the row's stats)."""
+    outs, st = generate_batch(model, [ids], **kw)
+    return outs[0], {**st.pop("rows")[0], **st}
 
 
 def median_tokens_per_s(fn, repeats):
@@ -589,9 +584,9 @@ def main(argv=None):
         kw = dict(max_new_tokens=a.max_new, k_max=a.k_max, stop_ids=tok.stop_ids)
         capacity = min(model.cfg.max_seq_len, len(ids) + a.max_new + 2 * (model.cfg.mtp_k_max or 4))
         engine = lambda: make_engine(model, 1, a.engine, capacity)       # a fresh cache per run
-        run = lambda r, **x: generate(model, ids, **kw, **r, **x, engine=engine())[1]
-        generate(model, ids, **{**kw, "max_new_tokens": 8}, **rule, engine=engine())  # warm-up
-        out, st = generate(model, ids, **kw, **rule, verify=a.verify, lean=a.lean, engine=engine())
+        run = lambda r, **x: decode_one(model, ids, **kw, **r, **x, engine=engine())[1]
+        decode_one(model, ids, **{**kw, "max_new_tokens": 8}, **rule, engine=engine())  # warm-up
+        out, st = decode_one(model, ids, **kw, **rule, verify=a.verify, lean=a.lean, engine=engine())
     except (DecodeError, CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

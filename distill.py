@@ -1,13 +1,11 @@
 """
-Online self-distillation of a next-token model into a multi-token predictor (METHOD.md).
+Online self-distillation of a next-token model into a multi-token predictor (docs/METHOD.md).
 
-    python distill.py --k 4                         # the embedded default: CPU, offline, ~10 min
+    python distill.py --k 4                         # the embedded default: CPU, offline
     python distill.py --init DIR --data gsm8k --k 16 --out runs/smol    # any HF checkpoint
     python distill.py --out runs/smol --resume      # continue a killed run exactly
-    torchrun --nproc_per_node 8 distill.py ...      # DDP (nccl on CUDA, gloo on CPU)
-    torchrun --nproc_per_node 4 distill.py --fsdp --grad-ckpt --init DIR ...   # 4B-8B: FSDP2 shards
-    python distill.py --init DIR --plan --fsdp --nproc 4 --k 16    # GPU memory per process, no weights read
     python distill.py --pretrain --out checkpoints/synth-teacher    # rebuild the default teacher
+    torchrun --nproc_per_node 4 distill.py --fsdp --grad-ckpt --init DIR ...   # parallel/
 
 Each step: draw k in [2, k_max] and an offset; pack the batch (data.pack); one student forward
 gives the student's argmax rollout at every supervised position; the teacher (a frozen copy of
@@ -16,11 +14,11 @@ teacher's argmax (--teacher hard) or distribution (--teacher soft). One student 
 and one teacher forward per step.
 
 Outputs in --out: ckpt/ (the student in the HF layout, its tokenizer, train_state.pt; replaced
-atomically every --save-every steps and at the end) and log.jsonl (one record per log interval).
-Under --fsdp the student is gathered onto rank 0 to be saved: the checkpoint is the same either way.
+atomically every --save-every steps and at the end), log.jsonl (one record per log interval)
+and args.json. Several processes, FSDP2 and --grad-ckpt live in parallel/, the default teacher's
+recipe in synthetic/, the GPU memory plan in tools/plan_memory.py.
 """
 import argparse
-import functools
 import json
 import os
 import random
@@ -32,14 +30,12 @@ from dataclasses import dataclass, field, fields, asdict
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-import data
 from data import DataError, TokenizerError, load_dataset, load_tokenizer, pack, sample_ids, teacher_input
-from model import CheckpointError, Config, Transformer, block_mask
+from model import CheckpointError, Config, Transformer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_TEACHER = os.path.join(HERE, "checkpoints", "synth-teacher")
+DEFAULT_TEACHER = os.path.join(HERE, "checkpoints", "synth-teacher")   # synthetic/teacher.py
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, its defaults written once, argparse built from it
@@ -65,9 +61,8 @@ class TrainConfig:
     reuse_mtp: bool = arg(False, "allow an init that already has an <MTP> token, reusing its id")
     steps: int = arg(800, "optimizer steps in total (a resumed run continues up to this)")
     minutes: float = arg(0.0, "a time budget for the training loop (loading not counted; 0 = none): "
-                              "at each log line before the cool-down the run sets --steps to what "
-                              "fits at its pace so far (at most the --steps given), so the cool-down "
-                              "ends in time")
+                              "after the first --log-every steps the run plans its length once, "
+                              "from their pace (at most --steps), so that its cool-down ends in time")
     seq_len: int = arg(160, "ground-truth tokens per training sequence (N)")
     regions: int = arg(0, "MTP regions per sequence (M); 0 = seq_len // (2 k_max) as in the paper")
     step_tokens: int = arg(5120, "ground-truth tokens per optimizer step; sets gradient accumulation")
@@ -97,8 +92,6 @@ class TrainConfig:
                                  "and recomputes the rest in backward (long sequences, big micro-batches)")
     plan: bool = arg(False, "print the estimated GPU memory per process for this run (from "
                             "--init's config.json alone, no weights loaded) and exit")
-    nproc: int = arg(1, "--plan: the number of processes (GPUs) to plan for")
-    gpu_mem: float = arg(80.0, "--plan: GPU memory per process in GiB")
 
 
 def add_config_args(p, only=None):
@@ -134,19 +127,11 @@ def check_config(cfg):
         raise ConfigError("--minutes plans the length of a new run; a resumed run continues to "
                           "--steps: pass the step count the first run planned (its log says it)")
     if cfg.minutes and cfg.cooldown >= cfg.steps - cfg.log_every:
-        raise ConfigError(f"--minutes re-plans at the log lines before the cool-down, and --cooldown "
-                          f"{cfg.cooldown} leaves none of --steps {cfg.steps}: give --steps as a cap "
-                          "well above the cool-down (e.g. 100000)")
+        raise ConfigError(f"--minutes plans the run's length after its first --log-every steps, and "
+                          f"--cooldown {cfg.cooldown} would start before that in --steps {cfg.steps}: "
+                          "give --steps as a cap well above the cool-down (e.g. 100000)")
     if cfg.precision not in ("auto", "fp32"):
         raise ConfigError(f"--precision must be auto or fp32 (got {cfg.precision!r})")
-    if cfg.nproc < 1 or cfg.gpu_mem <= 0:
-        raise ConfigError(f"--nproc must be >= 1 and --gpu-mem > 0 (got {cfg.nproc}, {cfg.gpu_mem})")
-    default = TrainConfig()
-    if not cfg.plan and (cfg.nproc, cfg.gpu_mem) != (default.nproc, default.gpu_mem):
-        raise ConfigError("--nproc and --gpu-mem only describe the machine for --plan; a training "
-                          "run takes its process count from torchrun")
-    if cfg.plan and cfg.pretrain:
-        raise ConfigError("--plan estimates a distillation run (student + teacher), not --pretrain")
     if cfg.pretrain:
         return
     if cfg.k < 2:
@@ -169,22 +154,23 @@ def n_regions(cfg):
 # Pure pieces of the method: the LR schedule, the losses, the k/offset draw
 
 
-def lr_at(step, cfg):
-    """Linear warm-up to cfg.lr, then constant (the paper's schedule), then a linear cool-down
-    to 0 over the last cfg.cooldown steps (0: none). A run shorter than its cool-down decays
-    from its first step."""
-    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-    if cfg.cooldown:
-        lr *= min(1.0, (cfg.steps - step) / cfg.cooldown)
+def lr_at(step, peak, warmup, cooldown, total):
+    """The lr of step `step` (0-based) of a `total`-step run: linear warm-up to `peak` over
+    `warmup` steps, then constant (the paper's schedule), then a linear cool-down to 0 over the
+    last `cooldown` steps (0: none). A run shorter than its cool-down decays from its first step."""
+    lr = peak * min(1.0, (step + 1) / max(1, warmup))
+    if cooldown:
+        lr *= min(1.0, (total - step) / cooldown)
     return lr
 
 
-def plan_steps(done, loop_s, minutes, most):
-    """--minutes: the step count that fits the budget, at the pace of the `done` steps so far,
-    which took `loop_s` seconds (their first calls' overheads and checkpoints included, so the
-    estimate errs on the short side). Never fewer than done, never more than `most`."""
+def plan_steps(done, loop_s, minutes, most, cooldown):
+    """--minutes: the run's length, planned once from the pace of its first `done` steps, which
+    took `loop_s` seconds (their first calls' overheads included, so the estimate errs short).
+    At most `most`; at least enough that the cool-down starts after the steps already done
+    (their lr was made with no cool-down in sight), even if that overruns the budget."""
     left = 60 * minutes - loop_s
-    return max(done, min(most, done + int(left / (loop_s / done))))
+    return max(done + cooldown, min(most, done + int(left / (loop_s / done))))
 
 
 def hard_ce(logits, target, weight, denom=None):
@@ -207,6 +193,8 @@ def draw_k_offset(rng, cfg):
     """k uniform in [2, k_max] (or k_max with --fixed-k); offset uniform over one region stride."""
     k = cfg.k if cfg.fixed_k else rng.randint(2, cfg.k)
     return k, rng.randrange(cfg.seq_len // n_regions(cfg))
+
+
 
 
 # -----------------------------------------------------------------------------
@@ -319,6 +307,7 @@ def ntp_step(model, seqs, eos_id, device, denom):
     return loss, {"tokens": w.sum()}
 
 
+
 # -----------------------------------------------------------------------------
 # Data order, checkpoints, processes
 
@@ -417,7 +406,7 @@ def optimizer_update(student, opt, cfg):
 
 
 def setup_processes(cfg):
-    """(rank, world, device). torchrun sets RANK/WORLD_SIZE; gloo on CPU, nccl on CUDA."""
+    """(rank, world, device): one process, or one of torchrun's (parallel/distributed.py)."""
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -426,270 +415,28 @@ def setup_processes(cfg):
                           "--nproc_per_node N distill.py --fsdp ... (N >= 1)")
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def ranks_identical(model, world):
-    """All ranks hold the same weights (DDP's promise, checked at every save)."""
-    if world == 1:
-        return True
-    with torch.no_grad():
-        sums = torch.stack([torch.cat([p.detach().double().flatten() for p in model.parameters()]).sum(),
-                            sum((p.detach().double() ** 2).sum() for p in model.parameters())])
-    gathered = [torch.zeros_like(sums) for _ in range(world)]
-    dist.all_gather(gathered, sums.to(next(model.parameters()).device))
-    return all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)
-
-
-# -----------------------------------------------------------------------------
-# The embedded default teacher: a small Llama-style model trained from scratch on synthetic math
-
-SYNTH_TEACHER = Config(model_type="llama", vocab_size=512, n_layer=4, n_head=6, n_kv_head=6,
-                       d_model=192, head_dim=32, d_ff=512, max_seq_len=256, tie_embeddings=True)
-# the exact command that built checkpoints/synth-teacher (distill.py runs it if it is missing)
-TEACHER_RECIPE = ["--pretrain", "--data", "synthetic", "--out", DEFAULT_TEACHER, "--steps", "5000",
-                  "--lr", "2e-3", "--warmup", "100", "--cooldown", "2000", "--seq-len", "256",
-                  "--step-tokens", "6144", "--micro-batch", "32", "--save-every", "500",
-                  "--log-every", "50"]
-
-
-def build_default_teacher():
-    print(f"no embedded teacher at {DEFAULT_TEACHER}: building it first "
-          f"(python distill.py {' '.join(TEACHER_RECIPE)})", flush=True)
-    killed = latest_checkpoint(DEFAULT_TEACHER, required=False) is not None
-    train(parse_args(TEACHER_RECIPE + ["--resume"] * killed))   # a killed build continues
-    # the teacher is the plain model: hoist it out of the run directory
-    ckpt = os.path.join(DEFAULT_TEACHER, "ckpt")
-    for name in os.listdir(ckpt):
-        if name != "train_state.pt":           # the optimizer state is not part of a teacher
-            os.replace(os.path.join(ckpt, name), os.path.join(DEFAULT_TEACHER, name))
-    shutil.rmtree(ckpt)
-
-
-
-# -----------------------------------------------------------------------------
-# The memory plan (--plan): bytes per GPU, from config.json's fields alone (no weights read)
-
-
-def plan_shapes(hf):
-    """The sizes the plan needs, read from a config.json dict (GPT-2 or the Llama family)."""
-    mt = hf.get("model_type")
-    try:
-        if mt == "gpt2":
-            D, nh = hf["n_embd"], hf["n_head"]
-            return dict(D=D, layers=hf["n_layer"], nh=nh, nkv=nh, hs=D // nh, d_ff=hf.get("n_inner") or 4 * D,
-                        V=hf["vocab_size"], tied=hf.get("tie_word_embeddings", True), gated=False,
-                        positions=hf["n_positions"], qkv_bias=True, o_bias=True, mlp_bias=True,
-                        norm_bias=True, qk_norm=False)
-        if mt in ("llama", "qwen2", "qwen3"):
-            D, nh = hf["hidden_size"], hf["num_attention_heads"]
-            bias = hf.get("attention_bias", False)     # as model.Config.from_hf reads the biases
-            return dict(D=D, layers=hf["num_hidden_layers"], nh=nh,
-                        nkv=hf.get("num_key_value_heads") or nh, hs=hf.get("head_dim") or D // nh,
-                        d_ff=hf["intermediate_size"], V=hf["vocab_size"],
-                        tied=hf.get("tie_word_embeddings", False), gated=True, positions=0,
-                        qkv_bias=mt == "qwen2" or bias, o_bias=mt != "qwen2" and bias,
-                        mlp_bias=mt == "llama" and hf.get("mlp_bias", False),
-                        norm_bias=False, qk_norm=mt == "qwen3")     # qwen3: RMSNorm on q and k per head
-    except KeyError as e:
-        raise ConfigError(f"--plan: config.json has no {e.args[0]!r} field") from None
-    raise ConfigError(f"--plan reads gpt2 and Llama-family configs (llama, qwen2, qwen3), not {mt!r}")
-
-
-def param_counts(s, V):
-    """(root, block): parameters outside the blocks (embeddings, lm_head, final norm: FSDP's root
-    group) and in each block, for a vocabulary of V rows."""
-    D, q, kv, d_ff = s["D"], s["nh"] * s["hs"], s["nkv"] * s["hs"], s["d_ff"]
-    norm = D * (2 if s["norm_bias"] else 1)
-    attn = D * (q + 2 * kv) + q * D + (q + 2 * kv) * s["qkv_bias"] + D * s["o_bias"] \
-        + 2 * s["hs"] * s["qk_norm"]
-    mlp = D * d_ff * (3 if s["gated"] else 2) + (d_ff * (2 if s["gated"] else 1) + D) * s["mlp_bias"]
-    root = V * D * (1 if s["tied"] else 2) + s["positions"] * D + norm
-    return root, attn + mlp + 2 * norm
-
-
-def block_activations(s):
-    """Values one block keeps for backward, per token (bf16/fp32 elements), as model.Block saves
-    them: each RMSNorm its input, normalised value and output (3 D; LayerNorm: input and output,
-    2 D); the whole qkv output (v is a view of it), the rotated q and k (no RoPE in GPT-2: q and k
-    are views too), the attention output and the out-projection's copy of it; the MLP's fc output,
-    activation and product (4 d_ff; GPT-2: 2 d_ff). Qwen3's q/k norms add their normalised values.
-    Assumes a fused attention kernel (SDPA's memory-efficient or flash one, or FlexAttention) that
-    keeps no (L, L) score matrix per head; tests/test_fsdp.py checks it against autograd's own count."""
-    q, kv, rope = s["nh"] * s["hs"], s["nkv"] * s["hs"], s["gated"]
-    norms = (6 if rope else 4) * s["D"]
-    attn = (q + 2 * kv) + (q + kv) * rope + 2 * q + (q + kv) * s["qk_norm"]
-    return norms + attn + (4 if s["gated"] else 2) * s["d_ff"]
-
-
-def memory_plan(hf, cfg, micro_batch=None):
-    """{what: bytes per process} for distilling the checkpoint of config.json `hf` with cfg's
-    settings on CUDA (bf16 compute unless --precision fp32), cfg.nproc processes."""
-    s, mb = plan_shapes(hf), micro_batch or cfg.micro_batch
-    V_s = s["V"] + (hf.get("mtp_token_id") is None)               # the student gains the <MTP> row
-    root_t, block = param_counts(s, s["V"])
-    root_s, _ = param_counts(s, V_s)
-    P_s, P_t = root_s + s["layers"] * block, root_t + s["layers"] * block
-    bf16 = cfg.precision == "auto"
-    cb = 2 if bf16 else 4                                         # bytes of a compute value
-    n = cfg.nproc if cfg.fsdp else 1                              # FSDP splits every state n ways
-    rows = {"student weights (fp32 master)": 4 * P_s / n, "gradients (fp32)": 4 * P_s / n,
-            "AdamW state (2 x fp32)": 8 * P_s / n,
-            f"teacher weights ({'bf16' if bf16 else 'fp32'})": cb * P_t / n}
-    if cfg.fsdp:   # gathered: the student's root (kept from forward to backward) and two blocks
-        # (one computing, one prefetched); on top of that, the teacher's root during its forward,
-        # or in backward the unsharded gradients of the root and a block with their fp32 copies
-        # for the reduce-scatter, whichever is larger
-        rows["FSDP gathered weights and gradients"] = cb * (root_s + 2 * block) \
-            + max(cb * root_t, (cb + 4 * bf16) * (root_s + block))
-    else:
-        if bf16:
-            rows["bf16 weight copies (autocast)"] = 2 * P_s
-        if cfg.nproc > 1:
-            rows["DDP gradient buckets (fp32)"] = 4 * P_s
-    L = cfg.seq_len + n_regions(cfg) * (cfg.k - 1)                # packed length at k = k_max
-    per_block = mb * L * cb * block_activations(s)
-    rows["activations" + (" (--grad-ckpt)" if cfg.grad_ckpt else "")] = \
-        mb * L * cb * s["layers"] * s["D"] + per_block if cfg.grad_ckpt else s["layers"] * per_block
-    # student logits (bf16 + the fp32 copy the loss keeps, its fp32 gradient), the <MTP>-masked
-    # fp32 readout and the teacher's logits: ~16 bytes per vocabulary entry per position in bf16
-    positions = mb * (L if cfg.prefix_loss else n_regions(cfg) * cfg.k)
-    rows["logits"] = positions * V_s * (16 if bf16 else 12)
-    return rows, {"params": P_s, "teacher_params": P_t, "packed_len": L, "micro_batch": mb}
-
-
-def format_plan(hf, cfg):
-    """The --plan report: one line per item, the total, and whether it fits --gpu-mem."""
-    rows, info = memory_plan(hf, cfg)
-    total = sum(rows.values())
-    budget = 0.9 * cfg.gpu_mem * 2**30         # 10% kept for the CUDA context, NCCL, fragmentation
-    # everything but activations and logits is fixed; those two grow linearly with micro-batch
-    one, _ = memory_plan(hf, cfg, micro_batch=1)
-    per_seq = sum(v for k, v in one.items() if k.startswith(("activations", "logits")))
-    largest = int((budget - (sum(one.values()) - per_seq)) // per_seq)
-    mode = f"FSDP over {cfg.nproc}" if cfg.fsdp else (f"DDP x{cfg.nproc}" if cfg.nproc > 1 else "1 process")
-    lines = [f"plan: {hf.get('model_type')} {info['params'] / 1e9:.2f}B parameters (student, with "
-             f"<MTP>), {mode}, {'bf16 compute' if cfg.precision == 'auto' else 'fp32'} on CUDA; "
-             f"micro-batch {info['micro_batch']} x packed length {info['packed_len']} "
-             f"(N={cfg.seq_len}, M={n_regions(cfg)}, k_max={cfg.k})"
-             + (", --grad-ckpt" if cfg.grad_ckpt else "")]
-    lines += [f"  {name:<40} {v / 2**30:8.2f} GiB" for name, v in rows.items()]
-    lines.append(f"  {'total per process':<40} {total / 2**30:8.2f} GiB")
-    verdict = "fits" if total <= budget else "does NOT fit"
-    most = f"largest micro-batch that fits: {largest}" if largest >= 1 else \
-        f"no micro-batch fits: the rest alone takes {(total - per_seq * info['micro_batch']) / 2**30:.1f} GiB"
-    lines.append(f"{verdict} in {cfg.gpu_mem:g} GiB (budget 90%: {budget / 2**30:.1f} GiB); {most}")
-    return "\n".join(lines)
-
-
-def print_plan(cfg):
-    """--plan: read only --init's config.json (a local directory; no weights are touched)."""
-    init = cfg.init or DEFAULT_TEACHER
-    path = os.path.join(init, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"--plan reads {path}, which does not exist: pass --init DIR, a local "
-                          "directory with the checkpoint's config.json (no weights needed)")
-    with open(path) as f:
-        hf = json.load(f)
-    print(format_plan(hf, cfg))
-
-
-# -----------------------------------------------------------------------------
-# Sharding (FSDP2), activation checkpointing, and the checkpoint's state under them
-
-
-def checkpoint_blocks(model):
-    """--grad-ckpt: each block keeps only its input for backward and recomputes the rest there,
-    one block at a time. Only the block's forward is wrapped, so parameter names (and with them
-    the saved checkpoint) stay the same."""
-    for block in model.blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
-def shard(model, mp_policy, reshard_root):
-    """FSDP2: one shard group per block (all-gathered just before it runs, freed after) and the
-    root group: embeddings, final norm and lm_head. A tied lm_head IS embed.weight, so the two
-    must live in one group: the root. reshard_root: free the root's gathered weights after
-    forward too (the teacher: no backward follows; None leaves FSDP's default for a root)."""
-    from torch.distributed.fsdp import fully_shard    # here: only --fsdp pays for the import (~1 s)
-    for block in model.blocks:
-        fully_shard(block, mp_policy=mp_policy)
-    fully_shard(model, mp_policy=mp_policy, reshard_after_forward=reshard_root)
+    from parallel.distributed import setup_processes as torchrun_process
+    return torchrun_process(cuda)
 
 
 def wrap_models(student, teacher, cfg, world, device):
-    """(student, teacher) as the loop calls them: --grad-ckpt, then FSDP2 (--fsdp) or DDP (several
-    processes), then torch.compile. The student module itself keeps its name `raw` in train."""
-    if cfg.grad_ckpt:
-        checkpoint_blocks(student)
-    if cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-        # on CUDA: bf16 gathered weights and compute, fp32 master weights (the shards, which AdamW
-        # updates) and fp32 gradient reduce-scatter; on the CPU everything stays fp32
-        bf16 = uses_bf16(device, cfg)
-        shard(student, MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                            reduce_dtype=torch.float32 if bf16 else None), None)
-        if teacher is not None:     # frozen, already bf16 on CUDA (load_models): no casts
-            shard(teacher, MixedPrecisionPolicy(), True)
+    """(student, teacher) as the loop calls them: --grad-ckpt and --fsdp (parallel/), then
+    torch.compile, then DDP when there are several processes without --fsdp."""
+    if cfg.grad_ckpt or cfg.fsdp:
+        from parallel.distributed import wrap_for_processes
+        student, teacher = wrap_for_processes(student, teacher, cfg.fsdp, cfg.grad_ckpt,
+                                              uses_bf16(device, cfg))
     if cfg.compile:
         student = torch.compile(student)
         teacher = torch.compile(teacher) if teacher is not None else None
     if world > 1 and not cfg.fsdp:
-        student = torch.nn.parallel.DistributedDataParallel(student)
+        from parallel.distributed import ddp
+        student = ddp(student)
     return student, teacher
 
 
-def gather_for_saving(raw, opt, cfg):
-    """(a plain Transformer, the optimizer's state dict) for the master to save. Under FSDP both
-    are gathered from every rank's shards (a collective: every rank calls this) onto rank 0's CPU,
-    the optimizer state keyed by parameter name; the other ranks get (None, None)."""
-    if not cfg.fsdp:
-        return raw, opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    params = get_model_state_dict(raw, options=full)
-    optim = get_optimizer_state_dict(raw, opt, options=full)
-    if not params:                                       # cpu_offload: rank 0 holds everything
-        return None, None
-    with torch.device("meta"):                           # no second copy: take the gathered tensors
-        model = Transformer(raw.cfg)
-    model.load_state_dict(params, strict=True, assign=True)
-    if raw.cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    return model, optim      # (its rope buffer stays on "meta": save_pretrained writes parameters)
-
-
-def load_resume_state(cfg, device):
-    """--resume: (train_state.pt's contents, the student from the checkpoint's weights, its path).
-    The file is memory-mapped: under FSDP the ranks share the page cache's one copy of it."""
-    ck = latest_checkpoint(cfg.out)
-    state = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False,
-                       mmap=True)
-    if state.get("fsdp", False) != cfg.fsdp:
-        flag = "with" if state.get("fsdp", False) else "without"
-        raise ConfigError(f"{ck} was written {flag} --fsdp (its optimizer state is laid out for "
-                          f"that): resume it {flag} --fsdp")
-    return state, Transformer.from_pretrained(ck, device=device), ck
-
-
-def load_optimizer_state(raw, opt, optim_state, cfg):
-    """The saved optimizer state into opt; under FSDP each rank takes its shard of the full state."""
-    if cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(raw, opt, optim_state, options=StateDictOptions(full_state_dict=True))
-    else:
-        opt.load_state_dict(optim_state)
-
-
 # -----------------------------------------------------------------------------
-# The training loop
+# The training loop, in phases: load, resume, one step, log, save
 
 
 def load_models(cfg, device):
@@ -697,17 +444,24 @@ def load_models(cfg, device):
     in bf16 where the forward passes are (CUDA, unless --precision fp32): it never trains, so it
     needs no fp32 copy. With --fsdp both are loaded on the CPU: sharding moves them to `device`."""
     where = torch.device("cpu") if cfg.fsdp else device
-    if cfg.pretrain:
-        tok = data.synthetic_tokenizer(SYNTH_TEACHER.vocab_size) if cfg.data == "synthetic" \
-            else load_tokenizer("gpt2")
+    if cfg.pretrain:                    # the default teacher's recipe (synthetic/teacher.py)
+        from synthetic.teacher import SYNTH_TEACHER
+        if cfg.data == "synthetic":
+            from synthetic.tokenizer import synthetic_tokenizer
+            tok = synthetic_tokenizer(SYNTH_TEACHER.vocab_size)
+        else:
+            tok = load_tokenizer("gpt2")
         mcfg = Config(**{**SYNTH_TEACHER.summary(), "vocab_size": tok.n_vocab})
         torch.manual_seed(cfg.seed)
         return Transformer(mcfg).to(where), None, tok
     init = cfg.init or DEFAULT_TEACHER
     if not cfg.init and not os.path.isfile(os.path.join(DEFAULT_TEACHER, "model.safetensors")):
-        build_default_teacher()
-    from model import resolve_checkpoint
-    init = resolve_checkpoint(init)
+        from synthetic.teacher import build_default_teacher
+        build_default_teacher(lambda argv: train(parse_args(argv)),
+                              resuming=latest_checkpoint(DEFAULT_TEACHER, required=False) is not None)
+    if not os.path.isdir(init):         # a hub name such as "gpt2": downloaded to $MTP_CACHE
+        from compat.hub import resolve_checkpoint
+        init = resolve_checkpoint(init)
     tok = load_tokenizer(init)
     teacher_dtype = torch.bfloat16 if uses_bf16(device, cfg) else torch.float32
     teacher = Transformer.from_pretrained(init, dtype=teacher_dtype, device=where)
@@ -720,6 +474,93 @@ def load_models(cfg, device):
                           "an MTP checkpoint. Continue its run with --out RUN --resume, or pass "
                           "--reuse-mtp to distill it further with the same token")
     return student, teacher, tok
+
+
+def resume(cfg, rng, stream, device, master):
+    """--resume: (the student from the last checkpoint's weights, its step, its optimizer state);
+    the data position and both RNG states are restored in place. train_state.pt is memory-mapped:
+    under FSDP the ranks share the page cache's one copy of it."""
+    ck = latest_checkpoint(cfg.out)
+    state = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False,
+                       mmap=True)
+    if state.get("fsdp", False) != cfg.fsdp:
+        flag = "with" if state.get("fsdp", False) else "without"
+        raise ConfigError(f"{ck} was written {flag} --fsdp (its optimizer state is laid out for "
+                          f"that): resume it {flag} --fsdp")
+    saved = state["args"]
+    planned = saved.get("planned_steps", saved["steps"])
+    if saved.get("minutes") and (cfg.steps, cfg.cooldown) != (planned, saved["cooldown"]):
+        raise ConfigError(f"{ck} is from a --minutes run planned to {planned} steps with a "
+                          f"{saved['cooldown']}-step cool-down: resume it with --steps {planned} "
+                          f"--cooldown {saved['cooldown']}")
+    stream.pos = state["data_pos"]
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if master:
+        print(f"resumed {ck} at step {state['step']}", flush=True)
+        truncate_log(os.path.join(cfg.out, "log.jsonl"), state["step"])
+    student = Transformer.from_pretrained(ck, device=torch.device("cpu") if cfg.fsdp else device)
+    return student, state["step"], state["optimizer"]
+
+
+def load_optimizer_state(raw, opt, optim_state, cfg):
+    if cfg.fsdp:                        # each rank takes its shard of the full state
+        from parallel.distributed import load_sharded_optimizer_state
+        load_sharded_optimizer_state(raw, opt, optim_state)
+    else:
+        opt.load_state_dict(optim_state)
+
+
+def step_batches(cfg, seqs, stream, rng, rank, world, mtp_id, eos_id, device, accum):
+    """One optimizer step's micro-batches: this rank's share of the next samples, packed with
+    a fresh k and offset for each micro-batch (--pretrain: the plain token lists)."""
+    micro = []
+    for _ in range(accum):
+        batch = stream.take(cfg.micro_batch * world)[rank * cfg.micro_batch:(rank + 1) * cfg.micro_batch]
+        batch = [seqs[i] for i in batch]
+        if not cfg.pretrain:
+            k, offset = draw_k_offset(rng, cfg)
+            batch = pack(batch, k, offset, n_regions(cfg), cfg.seq_len, mtp_id, eos_id).to(device)
+        micro.append(batch)
+    return micro
+
+
+def train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, eos_id, device, acc):
+    """One optimizer step over the micro-batches: forward/backward each, then clip and AdamW.
+    The loss is the mean over ALL of the step's supervised positions (every rank's): it divides
+    by their count, taken before any forward (step_denominators)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    denom, prefix_denom = step_denominators(micro, cfg, world, device)
+    amp = autocast(device, cfg)
+    for i, batch in enumerate(micro):
+        # DDP: all-reduce once, after the last micro-batch; FSDP reduce-scatters each one into
+        # the sharded gradients (holding unsharded ones across micro-batches costs memory)
+        sync_later = world > 1 and not cfg.fsdp and i < len(micro) - 1
+        ctx = student.no_sync() if sync_later else torch.enable_grad()
+        with ctx, amp:
+            if cfg.pretrain:
+                loss, st = ntp_step(student, batch, eos_id, device, denom)
+            else:
+                if cfg.attention == "flex":   # one block mask: the layout is the same for every row
+                    from fast.flex import FlexMask
+                    batch.mask = FlexMask(batch.mask)
+                loss, st = mtp_step(student, teacher, batch, cfg, mtp_id, eos_id, denom, prefix_denom)
+        loss.backward()
+        acc["loss"] += loss.item()
+        acc["tokens"] += float(st["tokens"])
+        if "conf" in st:
+            for name in ("conf", "agree", "count"):
+                acc[name][:len(st[name])] += st[name].float().cpu()
+    optimizer_update(student, opt, cfg)
+    acc["n"] += 1
+    acc["lr"] = lr
+
+
+def fresh_stats(k):
+    """What a log interval sums up, from its first step on."""
+    return {"loss": 0.0, "n": 0, "tokens": 0.0, "conf": torch.zeros(k), "agree": torch.zeros(k),
+            "count": torch.zeros(k), "t0": time.perf_counter(), "lr": 0.0}
 
 
 def interval_record(cfg, acc, step, world, device):
@@ -735,7 +576,7 @@ def interval_record(cfg, acc, step, world, device):
         acc["loss"], acc["tokens"] = packed[0].item() / world, packed[1].item()
         acc["conf"], acc["agree"], acc["count"] = packed[2:].split(len(acc["conf"]))
     dt = time.perf_counter() - acc["t0"]
-    rec = {"step": step, "loss": acc["loss"] / acc["n"], "lr": lr_at(step - 1, cfg),
+    rec = {"step": step, "loss": acc["loss"] / acc["n"], "lr": acc["lr"],
            "step_ms": 1000 * dt / acc["n"], "sup_tok_per_s": acc["tokens"] / dt}
     if not cfg.pretrain:
         has = acc["count"] > 0
@@ -746,9 +587,9 @@ def interval_record(cfg, acc, step, world, device):
     return rec
 
 
-def write_log(rec, cfg, eta, log):
+def write_log(rec, total, eta, log):
     """One record: a line or two on stdout, one line in log.jsonl."""
-    line = (f"step {rec['step']}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+    line = (f"step {rec['step']}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
             f"{rec['step_ms']:.0f} ms/step | {rec['sup_tok_per_s']:.0f} sup tok/s | "
             f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
     if "agree" in rec:
@@ -759,59 +600,61 @@ def write_log(rec, cfg, eta, log):
     log.flush()
 
 
-def plan_length(cfg, step, loop_s, given, world, device, log):
-    """--minutes: set cfg.steps from the pace so far (the slowest rank's, so that every rank plans
-    the same); a change goes to the log and args.json, the first plan to stdout as well."""
+def plan_length(cfg, step, loop_s, world, device, log):
+    """--minutes: the run's length, planned once (plan_steps) from the pace of its first steps
+    (the slowest rank's, so that every rank plans the same); to stdout, the log and args.json."""
     if world > 1:
         t = torch.tensor([loop_s], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         loop_s = t.item()
-    before, cfg.steps = cfg.steps, plan_steps(step, loop_s, cfg.minutes, given)
-    # a shorter run whose cool-down would have begun already begins it now, from the current lr
-    cfg.cooldown = min(cfg.cooldown, cfg.steps - step)
-    if log is None or cfg.steps == before:
-        return
-    if before == given:
-        print(f"--minutes {cfg.minutes:g}: {step} steps took {loop_s:.1f} s, so {cfg.steps} steps "
-              f"in all (--steps {given}), re-planned until the cool-down", flush=True)
-    log.write(json.dumps({"step": step, "planned_steps": cfg.steps, "cooldown": cfg.cooldown,
-                          "loop_s": round(loop_s, 2)}) + "\n")
-    log.flush()
-    write_args(cfg)
+    total = plan_steps(step, loop_s, cfg.minutes, cfg.steps, cfg.cooldown)
+    if log is not None:
+        print(f"--minutes {cfg.minutes:g}: {step} steps took {loop_s:.1f} s, so {total} steps in "
+              f"all (--steps {cfg.steps})", flush=True)
+        log.write(json.dumps({"step": step, "planned_steps": total, "loop_s": round(loop_s, 2)}) + "\n")
+        log.flush()
+        write_args(cfg, total)
+    return total
 
 
-def write_args(cfg):
-    """The run's settings, as planned so far, in OUT/args.json."""
+def write_args(cfg, total):
+    """The run's settings, and the step count it runs to, in OUT/args.json."""
     with open(os.path.join(cfg.out, "args.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
+        json.dump({**asdict(cfg), "planned_steps": total}, f, indent=1)
 
 
-def save_run(cfg, raw, opt, tok, log, step, stream, rng, world, master):
+def save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master):
     """Checkpoint (every rank calls this: DDP compares the ranks' weights, FSDP gathers them)."""
-    same = None
-    if not cfg.fsdp:
-        same = ranks_identical(raw, world)
-        if not same:
-            raise RuntimeError("DDP ranks hold different weights")
-    student, optim = gather_for_saving(raw, opt, cfg)
+    same, student, optim = None, raw, None
+    if cfg.fsdp:
+        from parallel.distributed import gather_for_saving
+        student, optim = gather_for_saving(raw, opt)
+    else:
+        if world > 1:
+            from parallel.distributed import ranks_identical
+            same = ranks_identical(raw, world)
+            if not same:
+                raise RuntimeError("DDP ranks hold different weights")
+        optim = opt.state_dict()
     if master:
         save_checkpoint(cfg.out, student, tok, {
             "optimizer": optim, "fsdp": cfg.fsdp, "step": step, "data_pos": stream.pos,
-            "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "args": asdict(cfg)})
+            "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+            "args": {**asdict(cfg), "planned_steps": total}})
         rec = {"step": step, "saved": os.path.join(cfg.out, "ckpt"), "world": world}
-        rec.update({"fsdp": True} if cfg.fsdp else {"ranks_identical": same})
+        rec.update({"fsdp": True} if cfg.fsdp else {"ranks_identical": True if world == 1 else same})
         log.write(json.dumps(rec) + "\n")
         log.flush()
 
 
 def train(cfg):
+    # --- setup: processes, models, data, and where a resumed run left off
     check_config(cfg)
     rank, world, device = setup_processes(cfg)
     master = rank == 0
     if not cfg.resume:
         clear_out_dir(cfg, master)
-    cuda = device.type == "cuda"
-    if cfg.attention == "flex" and not cuda:
+    if cfg.attention == "flex" and device.type != "cuda":
         raise ConfigError("--attention flex needs CUDA (FlexAttention has no backward on the CPU); "
                           "use --attention sdpa")
     student, teacher, tok = load_models(cfg, device)
@@ -821,102 +664,49 @@ def train(cfg):
                           f"({student.cfg.max_seq_len})")
     if cfg.pretrain:
         seqs = [s[:cfg.seq_len] for s in seqs]
-
     rng = random.Random(cfg.seed)                      # k and offset draws
     stream = Stream(len(seqs), cfg.seed)
-    step, state = 0, None
+    step, optim_state = 0, None
     if cfg.resume:
-        state, student, ck = load_resume_state(cfg, torch.device("cpu") if cfg.fsdp else device)
-        step, stream.pos = state["step"], state["data_pos"]
-        saved = state["args"]
-        if saved.get("minutes") and (cfg.steps, cfg.cooldown) != (saved["steps"], saved["cooldown"]):
-            raise ConfigError(f"{ck} is from a --minutes run planned to {saved['steps']} steps with a "
-                              f"{saved['cooldown']}-step cool-down: resume it with --steps "
-                              f"{saved['steps']} --cooldown {saved['cooldown']}")
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if master:
-            print(f"resumed {ck} at step {step}", flush=True)
-            truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
+        student, step, optim_state = resume(cfg, rng, stream, device, master)
     raw = student
     student, teacher = wrap_models(student, teacher, cfg, world, device)
     # after sharding: FSDP2 replaces the parameters with sharded ones, which AdamW must hold
     opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if state is not None:
-        load_optimizer_state(raw, opt, state["optimizer"], cfg)
-
+    if optim_state is not None:
+        load_optimizer_state(raw, opt, optim_state, cfg)
     mtp_id = raw.cfg.mtp_token_id
     if not cfg.pretrain:
         raw.cfg.mtp_k_max = cfg.k                     # decode.py reads k_max from the checkpoint
-    per_fwd = cfg.micro_batch * world
-    accum = max(1, cfg.step_tokens // (per_fwd * cfg.seq_len))
+    accum = max(1, cfg.step_tokens // (cfg.micro_batch * world * cfg.seq_len))
+    total = cfg.steps                                 # --minutes plans it once, after log_every steps
     if master:
         os.makedirs(cfg.out, exist_ok=True)
         n_params = sum(p.numel() for p in raw.parameters())
         print(f"{'pretrain' if cfg.pretrain else 'distill'}: {n_params / 1e6:.2f}M params on {device}"
-              f" x{world}{' (FSDP)' if cfg.fsdp else ''}, {len(seqs)} samples, {accum} x {per_fwd} "
-              "sequences per step", flush=True)
-        write_args(cfg)
+              f" x{world}{' (FSDP)' if cfg.fsdp else ''}, {len(seqs)} samples, {accum} x "
+              f"{cfg.micro_batch * world} sequences per step", flush=True)
+        write_args(cfg, total)
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
-    amp = autocast(device, cfg)
-    K = cfg.k
 
-    def fresh():
-        return {"loss": 0.0, "n": 0, "tokens": 0.0, "conf": torch.zeros(K), "agree": torch.zeros(K),
-                "count": torch.zeros(K), "t0": time.perf_counter(), "steps": 0}
-
-    acc, t_start, start_step, given_steps = fresh(), time.perf_counter(), step, cfg.steps
-    while step < cfg.steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        # this step's micro-batches, packed up front so the loss can be the mean over ALL of the
-        # step's supervised positions (every rank's): count them first (step_denominators)
-        micro = []
-        for _ in range(accum):
-            batch = stream.take(per_fwd)[rank * cfg.micro_batch:(rank + 1) * cfg.micro_batch]
-            batch = [seqs[i] for i in batch]
-            if not cfg.pretrain:
-                k, offset = draw_k_offset(rng, cfg)
-                batch = pack(batch, k, offset, n_regions(cfg), cfg.seq_len, mtp_id, tok.eos_id).to(device)
-            micro.append(batch)
-        denom, prefix_denom = step_denominators(micro, cfg, world, device)
-        for i, batch in enumerate(micro):
-            # DDP: all-reduce once, after the last micro-batch; FSDP reduce-scatters each one into
-            # the sharded gradients (holding unsharded ones across micro-batches costs memory)
-            sync_later = world > 1 and not cfg.fsdp and i < accum - 1
-            ctx = student.no_sync() if sync_later else torch.enable_grad()
-            with ctx, amp:
-                if cfg.pretrain:
-                    loss, st = ntp_step(student, batch, tok.eos_id, device, denom)
-                else:
-                    if cfg.attention == "flex":   # one block mask: the layout is the same for every row
-                        batch.mask = block_mask(batch.mask)
-                    loss, st = mtp_step(student, teacher, batch, cfg, mtp_id, tok.eos_id, denom,
-                                        prefix_denom)
-            loss.backward()
-            acc["loss"] += loss.item()
-            acc["tokens"] += float(st["tokens"])
-            if "conf" in st:
-                for name in ("conf", "agree", "count"):
-                    acc[name][:len(st[name])] += st[name].float().cpu()
-        optimizer_update(student, opt, cfg)
+    # --- the loop: one optimizer step at a time; the log and checkpoints at their intervals
+    acc, t_start, start_step = fresh_stats(cfg.k), time.perf_counter(), step
+    while step < total:
+        micro = step_batches(cfg, seqs, stream, rng, rank, world, mtp_id, tok.eos_id, device, accum)
+        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.cooldown, total)
+        train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, tok.eos_id, device, acc)
         step += 1
-        acc["n"] += 1
-        # --minutes: re-plan the length while the lr is constant (a plan made during the cool-down
-        # would bend its slope); before the log and save below, which the last step triggers
-        if cfg.minutes and step % cfg.log_every == 0 and step < cfg.steps - cfg.cooldown:
-            plan_length(cfg, step, time.perf_counter() - t_start, given_steps, world, device, log)
-
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if cfg.minutes and step - start_step == cfg.log_every:
+            total = plan_length(cfg, step, time.perf_counter() - t_start, world, device, log)
+        if step % cfg.log_every == 0 or step == total:
             rec = interval_record(cfg, acc, step, world, device)
             if master:
-                eta = (time.perf_counter() - t_start) / (step - start_step) * (cfg.steps - step)
-                write_log(rec, cfg, eta, log)
-            acc = fresh()
-
-        if step % cfg.save_every == 0 or step == cfg.steps:
+                eta = (time.perf_counter() - t_start) / (step - start_step) * (total - step)
+                write_log(rec, total, eta, log)
+            acc = fresh_stats(cfg.k)
+        if step % cfg.save_every == 0 or step == total:
             t_save = time.perf_counter()
-            save_run(cfg, raw, opt, tok, log, step, stream, rng, world, master)
+            save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master)
             acc["t0"] += time.perf_counter() - t_save     # step times exclude checkpointing
     if master:
         log.close()
@@ -931,10 +721,6 @@ def train(cfg):
 def main(argv=None):
     cfg = parse_args(argv)
     try:
-        if cfg.plan:
-            check_config(cfg)
-            print_plan(cfg)
-            return
         train(cfg)
     except (ConfigError, CheckpointError, TokenizerError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

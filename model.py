@@ -4,7 +4,6 @@ the Hugging Face layout.
 
     from model import Transformer, KVCache
     model = Transformer.from_pretrained("path/to/hf_dir")      # config.json + *.safetensors
-    model = Transformer.from_pretrained("gpt2")                # downloads to $MTP_CACHE when online
     logits = model(idx)                                        # plain causal LM, (B, T, V)
     logits = model(idx, pos=pos, mask=mask)                    # packed MTP training layout
     cache = KVCache(); logits = model(idx, cache=cache); cache.truncate(n)   # decoding
@@ -12,13 +11,13 @@ the Hugging Face layout.
 
 Both architectures share one set of module names; `hf_layout` is the explicit map between our
 names and the checkpoint's, used for both loading and saving. Loading is strict: every expected
-tensor present, every shape checked, every unknown key an error that names it.
+tensor present, every shape checked, every unknown key an error that names it. Beside the core:
+compat/ (config.json field checks and RoPE spellings, hub downloads), fast/ (the static cache
+of CUDA-graph decoding, FlexAttention masks).
 """
 import json
 import math
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field, asdict
 
 import torch
@@ -26,7 +25,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 # -----------------------------------------------------------------------------
 # Config: read from (and written back to) a Hugging Face config.json
@@ -38,147 +36,6 @@ ARCHS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2
 class CheckpointError(ValueError):
     """A checkpoint or config that cannot be loaded; the message names the problem and the fix."""
 
-
-# Every field of a config.json is either read by Config.from_hf (READ), allowed only at the value
-# this code computes (FIXED), or known not to change the logits (HARMLESS). Any other field is an
-# error: a field we do not understand may change the computation, and ignoring it would load the
-# checkpoint silently wrong (as transformers 5's `rope_parameters` once did).
-HARMLESS = {
-    # bookkeeping
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
-    "transformers.js_config", "is_llama_config",
-    # token ids (the tokenizer's business) and what the HF library returns, not what it computes
-    "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "output_attentions",
-    "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
-    "chunk_size_feed_forward",          # runs the MLP in chunks: the same function
-    # training only: weight init, dropout (this code never applies dropout), memory saving
-    "initializer_range", "attention_dropout", "gradient_checkpointing",
-}
-HARMLESS_GPT2 = {
-    "n_ctx",                            # an old alias of n_positions that transformers ignores
-    "attn_pdrop", "embd_pdrop", "resid_pdrop", "output_past", "n_special", "predict_special_tokens",
-    "task_specific_params",             # generation defaults for pipelines
-    # the classification head of GPT2DoubleHeadsModel, not part of the LM
-    "summary_activation", "summary_first_dropout", "summary_proj_to_labels", "summary_type",
-    "summary_use_proj",
-    "reorder_and_upcast_attn",          # precision only: the attention product in fp32
-}
-LLAMA_FAMILY_READ = {"vocab_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "hidden_size", "head_dim", "intermediate_size",
-                     "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-                     "rope_theta", "rope_scaling", "rope_parameters"}
-# use_sliding_window is FIXED to off, which makes sliding_window and max_window_layers inert
-QWEN_READ = LLAMA_FAMILY_READ | {"sliding_window", "max_window_layers"}
-READ = {
-    "gpt2": {"vocab_size", "n_layer", "n_head", "n_embd", "n_inner", "n_positions",
-             "layer_norm_epsilon", "tie_word_embeddings"},
-    "llama": LLAMA_FAMILY_READ | {"attention_bias", "mlp_bias"},
-    "qwen2": QWEN_READ,                 # q/k/v biases always, o_proj and MLP never
-    "qwen3": QWEN_READ | {"attention_bias"},
-}
-OURS = {"mtp_token_id", "mtp_k_max"}   # the <MTP> token (add_mtp_token) and distill.py's --k
-
-
-def full_attention_only(layer_types):
-    return layer_types is None or all(t == "full_attention" for t in layer_types)
-
-
-# {field: (accepts(value), what is supported)}: fields whose other values change the computation
-FIXED_ANY = {
-    "final_logit_softcapping": (lambda v: v is None, "none (no logit soft-capping)"),
-    "attn_logit_softcapping": (lambda v: v is None, "none (no attention soft-capping)"),
-    "partial_rotary_factor": (lambda v: v in (None, 1, 1.0), "1.0 (RoPE on the whole head)"),
-    "is_encoder_decoder": (lambda v: not v, "false (decoder-only models)"),
-    "add_cross_attention": (lambda v: not v, "false (no cross-attention)"),
-    "pruned_heads": (lambda v: not v, "none (no pruned heads)"),
-    "quantization_config": (lambda v: False, "none: unquantized safetensors weights only"),
-}
-FIXED_LLAMA_FAMILY = {
-    "hidden_act": (lambda v: v == "silu", "silu (SwiGLU)"),
-    "pretraining_tp": (lambda v: v in (None, 1), "1 (no tensor-parallel slicing of the matmuls)"),
-    "rope_interleaved": (lambda v: not v, "false (HF's rotate-half RoPE)"),
-}
-FIXED_QWEN = {
-    "use_sliding_window": (lambda v: not v, "false (full attention in every layer)"),
-    "layer_types": (full_attention_only, "every layer 'full_attention'"),
-    # our own configs before qwen3 wrote mlp_bias: false for qwen2; transformers' Qwen2 has no
-    # MLP bias whatever the field says, so only false is the same model
-    "mlp_bias": (lambda v: not v, "false (Qwen's MLP has no bias)"),
-}
-FIXED = {
-    "gpt2": {**FIXED_ANY,
-             "activation_function": (lambda v: v in ("gelu_new", "gelu_pytorch_tanh"),
-                                     "gelu_new (GELU, tanh approximation)"),
-             "scale_attn_weights": (lambda v: v is True, "true (scores divided by sqrt(head_dim))"),
-             "scale_attn_by_inverse_layer_idx": (lambda v: not v, "false")},
-    "llama": {**FIXED_ANY, **FIXED_LLAMA_FAMILY},
-    "qwen2": {**FIXED_ANY, **FIXED_LLAMA_FAMILY, **FIXED_QWEN},
-    "qwen3": {**FIXED_ANY, **FIXED_LLAMA_FAMILY, **FIXED_QWEN},
-}
-
-
-def check_fields(d, mt):
-    """Raise CheckpointError for a config.json field that would change the computation."""
-    for name, value in d.items():
-        if name in FIXED[mt]:
-            accepts, supported = FIXED[mt][name]
-            if not accepts(value):
-                raise CheckpointError(f"config.json: {name} = {value!r} is not supported "
-                                      f"(supported: {supported})")
-        elif name not in READ[mt] | OURS | HARMLESS | (HARMLESS_GPT2 if mt == "gpt2" else set()):
-            raise CheckpointError(
-                f"config.json: unknown field {name!r} for model_type {mt!r}; it may change the "
-                "computation, so it is not ignored. If it does not, delete it from config.json")
-
-
-LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-def rope_spec(params, theta):
-    """(rope_type, rope_theta, the other settings) of one spelling of the rope config."""
-    if not isinstance(params, (dict, type(None))):
-        raise CheckpointError(f"config.json: a rope setting is {params!r}, not null or a dict")
-    p = dict(params or {})
-    legacy = p.pop("type", None)                       # the spelling before transformers 4.43
-    rope_type = p.pop("rope_type", legacy or "default")
-    if legacy not in (None, rope_type):
-        raise CheckpointError(f"config.json: rope 'type' and 'rope_type' disagree in {params}")
-    return rope_type, float(p.pop("rope_theta", theta)), p
-
-
-def read_rope(d):
-    """(rope_theta, None or the llama3 scaling dict) from either spelling of the rope config.
-
-    transformers 4 writes `rope_theta` and `rope_scaling` (null or {"rope_type": ..., ...});
-    transformers 5 writes one `rope_parameters` dict that holds rope_theta and rope_type too.
-    A file may hold both (ours do, so that both generations read it): then they must agree.
-    """
-    spellings = {}
-    if d.get("rope_scaling") is not None or "rope_theta" in d:
-        spellings["rope_theta/rope_scaling"] = rope_spec(d.get("rope_scaling"),
-                                                         d.get("rope_theta", 10000.0))
-    if d.get("rope_parameters") is not None:
-        spellings["rope_parameters"] = rope_spec(d["rope_parameters"], d.get("rope_theta", 10000.0))
-    if len(spellings) == 2 and spellings["rope_theta/rope_scaling"] != spellings["rope_parameters"]:
-        raise CheckpointError(f"config.json: rope_theta/rope_scaling and rope_parameters describe "
-                              f"different RoPE ({spellings}); keep the one the model was trained with")
-    where, (rope_type, theta, p) = next(iter(spellings.items()), ("", ("default", 10000.0, {})))
-    if p.get("partial_rotary_factor", 1.0) != 1.0:
-        raise CheckpointError(f"config.json: {where} partial_rotary_factor = "
-                              f"{p['partial_rotary_factor']} is not supported (supported: 1.0)")
-    p.pop("partial_rotary_factor", None)
-    if rope_type not in ("default", "llama3"):
-        raise CheckpointError(f"config.json: {where} rope type {rope_type!r} is not supported "
-                              "(supported: default and llama3)")
-    known = LLAMA3_ROPE if rope_type == "llama3" else ()
-    for name in p:
-        if name not in known:
-            raise CheckpointError(f"config.json: {where} setting {name!r} is not understood for "
-                                  f"rope type {rope_type!r} (understood: {', '.join(known) or 'none'})")
-    missing = [name for name in known if name not in p]
-    if missing:
-        raise CheckpointError(f"config.json: {where} of rope type llama3 lacks {missing[0]!r}")
-    return theta, ({"rope_type": "llama3", **{k: p[k] for k in LLAMA3_ROPE}} if known else None)
 
 
 @dataclass
@@ -214,7 +71,8 @@ class Config:
         if mt not in ARCHS:
             raise CheckpointError(f"unknown model_type {mt!r} in config.json "
                                   f"(supported: {', '.join(ARCHS)})")
-        check_fields(d, mt)
+        from compat.hf_config import check_fields, read_rope   # the field tables live there
+        check_fields(d, mt)             # every field read, fixed at our value, or harmless
         ours = dict(model_type=mt, vocab_size=d["vocab_size"], mtp_token_id=d.get("mtp_token_id"),
                     mtp_k_max=d.get("mtp_k_max"), hf=d)
         if mt == "gpt2":
@@ -277,40 +135,22 @@ class Config:
 class KVCache:
     """Keys/values of every layer for the tokens seen so far; `truncate(n)` drops the newest.
 
-    Two layouts. The default grows: buffers (B, n_kv_head, capacity, head_dim) per layer, doubled
-    when full, attention over the `length` real positions. `KVCache.static(...)` has fixed buffers
-    of `capacity` slots written at `write_at` (a device tensor of slot indices set by the caller),
-    and attention spans all `capacity` slots under the caller's mask: nothing about it changes
-    shape or needs the host from one step to the next, which is what a CUDA graph needs
-    (decode.CudaGraphs). `length` is the number of real cached positions (the same for every row).
+    Buffers (B, n_kv_head, capacity, head_dim) per layer, doubled when full; attention reads the
+    `length` real positions. (fast/cuda_graphs.py has a static variant for CUDA graphs: fixed
+    slots written where the caller says, positions and mask always given by the caller.)
     """
+    static = False
 
     def __init__(self):
         self.k, self.v = [], []
         self.length = 0
-        self.capacity = None      # None: growing buffers
-        self.write_at = None      # static layout: (T,) slot indices of the tokens being stored
-
-    @classmethod
-    def static(cls, cfg, batch, capacity, dtype, device):
-        """Fixed buffers for `batch` rows and `capacity` slots, allocated up front."""
-        cache = cls()
-        cache.capacity = capacity
-        shape = (batch, cfg.n_kv_head, capacity, cfg.head_dim)
-        cache.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        cache.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        return cache
 
     def __len__(self):
         return self.length
 
     def store(self, layer, k, v):
-        """Write k, v (B, nkv, T, hs) at positions [length, length+T) (static: at write_at);
-        return the keys and values attention reads: (B, nkv, length+T, hs), static (B, nkv, capacity, hs)."""
-        if self.capacity is not None:
-            self.k[layer].index_copy_(2, self.write_at, k.to(self.k[layer].dtype))
-            self.v[layer].index_copy_(2, self.write_at, v.to(self.v[layer].dtype))
-            return self.k[layer], self.v[layer]
+        """Write k, v (B, nkv, T, hs) at positions [length, length+T); return the keys and values
+        attention reads: (B, nkv, length+T, hs)."""
         start, end = self.length, self.length + k.size(2)
         if layer == len(self.k):                       # first use of this layer
             self.k.append(k.new_empty(0, 0, 0, 0)), self.v.append(v.new_empty(0, 0, 0, 0))
@@ -372,29 +212,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def block_mask(mask):
-    """A boolean (L, L) mask, True = may attend, as a FlexAttention BlockMask for forward(mask=...).
-
-    The packed MTP layout is mostly empty away from the diagonal: on CUDA, FlexAttention skips
-    the 128x128 tiles that are fully masked instead of multiplying by zeros.
-    """
-    L = mask.size(-1)
-    return create_block_mask(lambda b, h, q, kv: mask[q, kv], B=None, H=None, Q_LEN=L, KV_LEN=L,
-                             device=mask.device)
-
-
-_flex_compiled = None
-
-
-def flex(device):
-    """flex_attention, compiled on CUDA (its fast path); the eager reference elsewhere."""
-    global _flex_compiled
-    if device.type != "cuda":
-        return flex_attention
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention)
-    return _flex_compiled
-
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -418,8 +235,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.store(layer, k, v)                     # (B, nkv, S, hs), S = past + T
-        if isinstance(mask, BlockMask):   # FlexAttention: skips fully masked tiles on the GPU
-            y = flex(q.device)(q, k, v, block_mask=mask, enable_gqa=self.nkv != self.nh)
+        if hasattr(mask, "attend"):      # a fast.flex.FlexMask (--attention flex): its own kernel
+            y = mask.attend(q, k, v, enable_gqa=self.nkv != self.nh)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                enable_gqa=self.nkv != self.nh)
@@ -498,7 +315,7 @@ class Transformer(nn.Module):
         idx:   (B, T) token ids.
         pos:   (B, T) or (T,) position ids; default: continue from the cache (0 without one).
         mask:  (B, T, S) or (T, S) boolean, True = may attend, S = cached + T; default causal;
-               or a FlexAttention BlockMask (see block_mask).
+               or a fast.flex.FlexMask (--attention flex).
         cache: a KVCache that grows by these T tokens (a static one: pass pos, and a mask over
                all of its capacity slots, (B, T, capacity)).
         out_idx: (B, n) positions at which to compute logits (default all): saves the vocab
@@ -506,7 +323,7 @@ class Transformer(nn.Module):
         Returns logits (B, T or n, V).
         """
         B, T = idx.shape
-        static = cache is not None and cache.capacity is not None
+        static = cache is not None and cache.static
         if static and (mask is None or pos is None):
             raise ValueError("a static KVCache needs explicit pos and a (B, T, capacity) mask")
         # the static cache's length is the caller's business: reading it here would make a
@@ -573,7 +390,9 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """Load a local HF directory, or download a hub name (e.g. "gpt2") to $MTP_CACHE first."""
-        path = resolve_checkpoint(path)
+        if not os.path.isdir(path):                     # a hub name such as "gpt2"
+            from compat.hub import resolve_checkpoint
+            path = resolve_checkpoint(path)
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise CheckpointError(f"no config.json in {path}: a checkpoint directory needs "
@@ -737,70 +556,3 @@ def read_safetensors(path):
         tensors = {"transformer." + k if not k.startswith("lm_head") else k: v
                    for k, v in tensors.items()}     # the canonical gpt2 file has no prefix
     return tensors
-
-
-# -----------------------------------------------------------------------------
-# Hub names: download config + safetensors (+ tokenizer files) with the standard library
-
-HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
-               "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "original/tokenizer.model"]
-
-
-def cache_dir():
-    return os.environ.get("MTP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mtp"))
-
-
-def hub_url():
-    return os.environ.get("MTP_HUB_URL", "https://huggingface.co")
-
-
-def download(url, dest):
-    """Fetch url into dest atomically; returns False on a 404, raises on other failures."""
-    req = urllib.request.Request(url)
-    if os.environ.get("HF_TOKEN"):               # gated repos (Llama) need a token
-        req.add_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r, open(dest + ".part", "wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            return False
-        raise
-    os.replace(dest + ".part", dest)
-    return True
-
-
-def resolve_checkpoint(name):
-    """A local directory as is; a hub name -> its directory in the cache, downloaded if needed."""
-    if os.path.isdir(name):
-        return name
-    repo = HUB_ALIASES.get(name, name)
-    if os.path.exists(name) or repo.count("/") != 1:
-        raise CheckpointError(f"{name!r} is neither a checkpoint directory nor a hub name "
-                              "like 'gpt2' or 'org/model'")
-    local = os.path.join(cache_dir(), repo.replace("/", "--"))
-    if os.path.isfile(os.path.join(local, "config.json")):
-        return local
-    os.makedirs(local, exist_ok=True)
-    base = f"{hub_url()}/{repo}/resolve/main"
-    try:
-        if not download(f"{base}/config.json", os.path.join(local, "config.json")):
-            raise CheckpointError(f"{repo} has no config.json on the hub")
-        if not download(f"{base}/model.safetensors", os.path.join(local, "model.safetensors")):
-            idx = os.path.join(local, "model.safetensors.index.json")
-            if not download(f"{base}/model.safetensors.index.json", idx):
-                raise CheckpointError(f"{repo} has no safetensors weights on the hub")
-            with open(idx) as f:
-                for shard in sorted(set(json.load(f)["weight_map"].values())):
-                    download(f"{base}/{shard}", os.path.join(local, shard))
-        for fn in TOKENIZER_FILES:                # optional: not every repo has each
-            download(f"{base}/{fn}", os.path.join(local, os.path.basename(fn)))
-    except (urllib.error.URLError, OSError) as e:
-        if os.path.isfile(os.path.join(local, "config.json")):
-            os.remove(os.path.join(local, "config.json"))   # do not leave a half checkpoint
-        raise CheckpointError(
-            f"could not download {repo} ({e}). Offline? Put its config.json and model.safetensors "
-            f"(and tokenizer files) in {local}, or pass a local checkpoint directory") from None
-    return local

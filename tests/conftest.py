@@ -38,7 +38,7 @@ def mtp_model(**kw):
 def save_tiny_mtp_checkpoint(path, k_max=3):
     """A tiny random Llama with <MTP> (decoding up to k_max tokens per pass) and the synthetic
     tokenizer, saved as a checkpoint directory the CLIs can load."""
-    from data import synthetic_tokenizer
+    from synthetic.tokenizer import synthetic_tokenizer
     torch.manual_seed(0)
     tok = synthetic_tokenizer()
     m = Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256))
@@ -56,7 +56,7 @@ def _seed():
 @pytest.fixture(scope="module")
 def tiny_init(tmp_path_factory):
     """A tiny random Llama with the synthetic tokenizer: a teacher that trains in seconds."""
-    from data import synthetic_tokenizer
+    from synthetic.tokenizer import synthetic_tokenizer
     d = tmp_path_factory.mktemp("init")
     torch.manual_seed(0)
     tok = synthetic_tokenizer()

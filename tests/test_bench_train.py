@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 
-from bench_train import (load_samples, main, make_batches, mtp_train_step, ntp_inputs, parse_args,
+from tools.bench_train import (load_samples, main, make_batches, mtp_train_step, ntp_inputs, parse_args,
                          peak_tflops)
 from conftest import assert_exits, tiny_config
-from data import load_tokenizer, synthetic_problems, synthetic_tokenizer
+from data import load_tokenizer
 from distill import Stream, load_models, lr_at, supervised_weight, train
+from synthetic.problems import synthetic_problems
+from synthetic.tokenizer import synthetic_tokenizer
 from distill import parse_args as distill_args
 from model import Transformer
 
@@ -76,7 +78,7 @@ def test_mtp_step_is_distills_first_step(tiny, tmp_path):
     cfg, _ = parse_args(bench_args(tiny))
     student, teacher, tok = load_models(cfg, torch.device("cpu"))
     P = make_batches(cfg, load_samples(cfg, tok), 1, student.cfg.mtp_token_id, tok.eos_id)[0]
-    opt = torch.optim.AdamW(student.parameters(), lr=lr_at(0, run), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr_at(0, run.lr, run.warmup, run.cooldown, run.steps), weight_decay=cfg.weight_decay)
     denom = supervised_weight(P, cfg).sum().clamp(min=1)
     mtp_train_step(student, teacher, opt, P, denom, cfg, student.cfg.mtp_token_id, tok.eos_id,
                    torch.autocast("cpu", enabled=False))

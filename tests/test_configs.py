@@ -578,7 +578,7 @@ def test_transformers_loads_a_model_we_built(tmp_path, kw):
 
 def test_distill_and_decode_a_qwen3_checkpoint(tmp_path, capsys):
     import decode
-    from data import synthetic_tokenizer
+    from synthetic.tokenizer import synthetic_tokenizer
     from distill import parse_args, train
     init = tmp_path / "init"
     tok = synthetic_tokenizer()

@@ -1,5 +1,5 @@
 """
-convert_gguf.py on the real SmolLM2-135M-Instruct GGUF (../shared/models), CPU, ~20 s on 2 cores.
+tools/convert_gguf.py on the real SmolLM2-135M-Instruct GGUF (../shared/models), CPU, ~20 s on 2 cores.
 
     python -m pytest -q tests/test_convert_gguf.py -s      # -s shows the model's greedy reply
 
@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-import convert_gguf
+from tools import convert_gguf
 from conftest import ROOT, SHARED
 from data import load_tokenizer, read_jsonl
 from model import KVCache, Transformer, apply_rope
@@ -71,8 +71,8 @@ def test_unpermuted_weights_give_ggml_attention_scores():
 
 def test_missing_gguf_package_exits_2_without_traceback():
     code = ("import sys, runpy; sys.modules['gguf'] = None; "
-            "sys.argv = ['convert_gguf.py', 'x.gguf', 'out']; "
-            "runpy.run_path('convert_gguf.py', run_name='__main__')")
+            "sys.argv = ['convert_gguf', 'x.gguf', 'out']; "
+            "runpy.run_module('tools.convert_gguf', run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert "pip install gguf" in r.stderr and "Traceback" not in r.stderr

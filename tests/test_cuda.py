@@ -5,7 +5,7 @@ import torch
 
 from conftest import mtp_model, tiny_model
 from data import pack
-from decode import generate
+from decode import decode_one, generate
 from distill import (autocast, load_models, load_samples, mtp_step, n_regions, parse_args,
                      supervised_weight, train)
 from model import Transformer
@@ -82,7 +82,7 @@ def test_cuda_graphs_decode_as_eager():
                                             engine=graphs, **rule)
                     assert out == ref, (model_type, rule, verify)
                 one, _ = generate(m, prompts[1], max_new_tokens=20, verify=verify, **rule)
-                assert generate(m, prompts[1], max_new_tokens=20, verify=verify, engine="graphs",
+                assert decode_one(m, prompts[1], max_new_tokens=20, verify=verify, engine="graphs",
                                 **rule)[0] == one
 
 
@@ -94,8 +94,8 @@ def test_cuda_graphs_capture_in_bf16():
     prompt = [58, 30, 41, 27, 18, 40, 33]
     for rule in ({"static_k": 1}, {"tau": 0.0}):
         graphs = make_engine(m, 1, "graphs")
-        first, _ = generate(m, prompt, max_new_tokens=20, engine=graphs, **rule)
-        again, _ = generate(m, prompt, max_new_tokens=20, engine=graphs, **rule)
+        first, _ = decode_one(m, prompt, max_new_tokens=20, engine=graphs, **rule)
+        again, _ = decode_one(m, prompt, max_new_tokens=20, engine=graphs, **rule)
         assert len(first) == 20 and again == first, rule
 
 

@@ -9,8 +9,10 @@ import torch
 
 from conftest import SHARED, tiny_model
 from data import (DataError, TokenizerError, Tokenizer, extract_flexible, extract_strict, gold_answer,
-                  gpt2_tokenizer, gsm8k, llama3_tokenizer, load_dataset, load_tokenizer, pack, read_jsonl,
-                  synthetic_problems, synthetic_tokenizer, teacher_input, train_bpe)
+                  gpt2_tokenizer, gsm8k, load_dataset, load_tokenizer, pack, read_jsonl, teacher_input)
+from compat.tokenizers import llama3_tokenizer
+from synthetic.problems import synthetic_problems
+from synthetic.tokenizer import synthetic_tokenizer, train_bpe
 
 GPT2_RANKS = os.path.join(SHARED, "tokenizers", "gpt2.tiktoken")
 GSM8K_TEST = os.path.join(SHARED, "data", "gsm8k", "test.jsonl")
@@ -71,7 +73,7 @@ def test_llama3_tokenizer_model(tmp_path):
 
 def test_hf_tokenizer_json(tmp_path):
     # byte-level BPE in HF's format: bytes as printable chars, merges in id order
-    from data import bytes_to_unicode
+    from compat.tokenizers import bytes_to_unicode
     chars = bytes_to_unicode()
     vocab = {"<|im_start|>": 0, "<|im_end|>": 1}
     for b in range(256):
@@ -227,7 +229,8 @@ def test_pack_uses_the_last_eos_when_the_prompt_contains_it_too():
 
 
 def test_pre_tokenizer_patterns_from_tokenizer_json():
-    from data import DIGITS_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, pre_tokenizer_pattern
+    from compat.tokenizers import LLAMA3_PATTERN, pre_tokenizer_pattern
+    from data import DIGITS_PATTERN, GPT2_PATTERN
     split = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated"},
         {"type": "ByteLevel", "use_regex": False}]}

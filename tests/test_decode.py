@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import mtp_model, tiny_model
-from decode import DecodeError, accept_confadapt, accept_static, generate, generate_batch, main
+from decode import DecodeError, accept_confadapt, accept_static, decode_one, generate, generate_batch, main
 
 
 
@@ -191,7 +191,7 @@ def test_verified_equals_static_k1(model_type):
     rejected = 0
     for rule in RULES:
         for lean in (False, True):
-            out, st = generate(m, prompt, max_new_tokens=30, verify=True, lean=lean, **rule)
+            out, st = decode_one(m, prompt, max_new_tokens=30, verify=True, lean=lean, **rule)
             assert out == ref, (rule, lean)
             assert sum(st["accepted"]) == 30 and st["passes"] == len(st["accepted"])
             assert st["effective_k"] == 30 / st["passes"]
@@ -271,7 +271,7 @@ def test_lean_reads_follow_acceptance():
     assert next_slots((1, 2, 1), 1, 8) == (1, 2, 2) and next_slots((1, 2, 2), 1, 8) == (2, 2, 0)
     assert next_slots((2, 5, 0), 1, 8) == (1, 5, 0)                  # at most 31 passes apart
     m = mtp_model()
-    out, st = generate(m, [5, 8, 13, 21], max_new_tokens=24, tau=0.5, lean=True)
+    out, st = decode_one(m, [5, 8, 13, 21], max_new_tokens=24, tau=0.5, lean=True)
     reads = [len(c) for c in st["confidences"]]                     # a random model accepts 1
     assert reads[:12] == [4, 1, 2, 1, 1, 1, 2, 1, 1, 1, 1, 1]
     assert out == generate(m, [5, 8, 13, 21], max_new_tokens=24, static_k=1)[0]
@@ -288,11 +288,11 @@ def test_static_engine_equals_eager():
                                       engine="static", **rule)
                 assert a == b
                 a, _ = generate(m, PROMPTS[1], max_new_tokens=20, verify=verify, **rule)
-                b, _ = generate(m, PROMPTS[1], max_new_tokens=20, verify=verify, engine="static",
+                b, _ = decode_one(m, PROMPTS[1], max_new_tokens=20, verify=verify, engine="static",
                                 **rule)
                 assert a == b
     with pytest.raises(DecodeError, match="needs a CUDA device"):
-        generate(m, [1, 2], static_k=1, engine="graphs")
+        decode_one(m, [1, 2], static_k=1, engine="graphs")
 
 
 def test_commit_row_by_hand():
@@ -314,7 +314,8 @@ def test_commit_row_by_hand():
 def test_verified_on_the_embedded_teacher():
     """The embedded teacher with <MTP> added (the student at step 0): a real model, whose next
     token depends on everything the cache holds, verified at every rule equals its own k=1."""
-    from data import load_tokenizer, plain_prompt, synthetic_problems
+    from data import load_tokenizer, plain_prompt
+    from synthetic.problems import synthetic_problems
     from distill import DEFAULT_TEACHER
     from model import Transformer
     m = Transformer.from_pretrained(DEFAULT_TEACHER).eval()
@@ -350,3 +351,25 @@ def test_cli_speedup_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "median of 3 runs each" in out and "wall-clock speedup" in out
     assert "provisional tokens confirmed" in out
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_generate_equals_generate_batch_of_one(model_type):
+    """The one-prompt loop a reader starts with (generate) against generate_batch on a batch of
+    one: the same tokens, and pass for pass the same committed counts, confidences, cache
+    lengths and verification counts, for every rule, verified or not, with a stop token and
+    with a context that fills up."""
+    m = mtp_model(model_type=model_type)
+    prompt = [3, 14, 15, 9, 2, 6]
+    free, _ = generate(m, prompt, max_new_tokens=30, static_k=1)
+    keys = ("accepted", "confidences", "cache_lens", "confirmed", "rejected", "stopped",
+            "context_full", "passes", "tokens", "effective_k")
+    cases = [(prompt, 30, ()), (prompt, 30, (free[7],)), (list(range(1, 61)) * 2, 30, ())]
+    for p, n, stops in cases:
+        for rule in RULES + [{"static_k": 1}]:
+            for verify in (False, True):
+                a, sa = generate(m, p, max_new_tokens=n, stop_ids=stops, verify=verify, **rule)
+                b, sb = decode_one(m, p, max_new_tokens=n, stop_ids=stops, verify=verify, **rule)
+                assert a == b, (rule, verify, stops)
+                assert {k: sa[k] for k in keys} == {k: sb[k] for k in keys}, (rule, verify)
+    assert sa["context_full"] and len(a) < 30        # the last case really ran out of context

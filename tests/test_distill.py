@@ -36,13 +36,11 @@ def test_soft_kl_equals_naive_loop():
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(lr=1e-3, warmup=10, steps=100, cooldown=0)
-    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
-    assert lr_at(99, cfg) == pytest.approx(1e-3)                     # constant after warm-up
-    cfg.cooldown = 50
-    assert lr_at(49, cfg) == pytest.approx(1e-3) and lr_at(75, cfg) == pytest.approx(0.5e-3)
-    cfg.cooldown = 400                                               # longer than the run
-    assert lr_at(20, cfg) == pytest.approx(1e-3 * 80 / 400)
+    lr = lambda step, cooldown: lr_at(step, 1e-3, 10, cooldown, 100)
+    assert lr(0, 0) == pytest.approx(1e-4) and lr(9, 0) == pytest.approx(1e-3)
+    assert lr(99, 0) == pytest.approx(1e-3)                           # constant after warm-up
+    assert lr(49, 50) == pytest.approx(1e-3) and lr(75, 50) == pytest.approx(0.5e-3)
+    assert lr(20, 400) == pytest.approx(1e-3 * 80 / 400)              # longer than the run
 
 
 def run_args(init, out, *extra):
@@ -85,19 +83,24 @@ def test_resume_is_exact(tiny_init, tmp_path):
 
 def test_plan_steps():
     # 10 steps took 30 s of a 2-minute budget: 90 s left at 3 s a step is 30 more
-    assert plan_steps(10, 30.0, 2, 1000) == 40
-    assert plan_steps(10, 30.0, 2, 25) == 25              # never past the --steps given
-    assert plan_steps(10, 150.0, 2, 1000) == 10           # over budget already: stop now
+    assert plan_steps(10, 30.0, 2, 1000, 0) == 40
+    assert plan_steps(10, 30.0, 2, 25, 0) == 25           # never past the --steps given
+    assert plan_steps(10, 150.0, 2, 1000, 0) == 10        # over budget already: stop now
+    assert plan_steps(10, 150.0, 2, 1000, 5) == 15        # ... after a whole cool-down
 
 
-def test_a_shorter_plan_starts_its_cooldown_from_the_current_lr():
-    """Planned to end before the old cool-down would even start, the run starts it now: the lr
-    does not jump down (it would to 20/500 of the peak with the cool-down left at 500)."""
-    from distill import plan_length
-    cfg = TrainConfig(lr=1.0, warmup=1, steps=1000, cooldown=500, minutes=1.0)
-    plan_length(cfg, 100, 50.0, 1000, 1, torch.device("cpu"), None)   # 10 s left at 0.5 s a step
-    assert (cfg.steps, cfg.cooldown) == (120, 20)
-    assert lr_at(100, cfg) == 1.0 and lr_at(110, cfg) == pytest.approx(0.5)
+@pytest.mark.parametrize("done,loop_s,minutes,cooldown", [(10, 30.0, 2, 20), (10, 150.0, 2, 20),
+                                                          (20, 1.0, 60, 400), (5, 9.0, 0.1, 3)])
+def test_a_plan_leaves_the_lr_of_the_steps_done_as_it_was(done, loop_s, minutes, cooldown):
+    """The steps before the plan ran at lr_at(..., total=--steps); the planned total must give
+    them the same lr, and the cool-down its full length (the lr never jumps)."""
+    cap = 1000
+    total = plan_steps(done, loop_s, minutes, cap, cooldown)
+    assert total - done >= cooldown
+    for step in range(done):
+        assert lr_at(step, 1.0, 3, cooldown, total) == lr_at(step, 1.0, 3, cooldown, cap)
+    if cooldown:
+        assert lr_at(total - 1, 1.0, 3, cooldown, total) == pytest.approx(1 / cooldown)
 
 
 def test_resuming_a_minutes_run_needs_its_plan(tiny_init, tmp_path, capsys):
@@ -105,38 +108,38 @@ def test_resuming_a_minutes_run_needs_its_plan(tiny_init, tmp_path, capsys):
     train(parse_args(run_args(tiny_init, out, "--steps", "8", "--minutes", "100", "--cooldown", "2",
                               "--log-every", "2", "--save-every", "4")))
     planned = json.load(open(out / "args.json"))
-    assert planned["minutes"] == 100 and planned["steps"] == 8
+    assert planned["minutes"] == 100 and planned["steps"] == planned["planned_steps"] == 8
     assert_exits(main, run_args(tiny_init, out, "--steps", "100", "--resume"), "--steps 8 --cooldown 2",
                  capsys)
 
 
-@pytest.mark.parametrize("cooldown", [4, 0])
-def test_minutes_sets_the_length_and_the_cooldown_ends_it(tiny_init, tmp_path, monkeypatch, cooldown):
-    """--minutes with a clock that advances 1 s per reading: the run plans its length at each
-    log line before the cool-down, ends at the plan with a checkpoint, and the lr reaches 0 at
-    the planned end (the cool-down kept its length). Without a cool-down the clock jumps past the
-    budget: the plan that ends the run is made at its last step, which must be logged and saved."""
-    clock = iter(range(10**6)) if cooldown else itertools.chain(range(16), range(1000, 10**6))
+@pytest.mark.parametrize("minutes,cooldown", [(0.5, 4), (0.5, 0), (1e-4, 4), (1e-4, 0)])
+def test_minutes_plans_the_length_once(tiny_init, tmp_path, monkeypatch, minutes, cooldown):
+    """--minutes with a clock that advances 1 s per reading: the run plans its length once,
+    after its first --log-every steps, runs to the plan with its cool-down whole, and ends there
+    with a log line and a checkpoint. Over budget already at the plan (1e-4 minutes), it ends
+    after one cool-down. Every logged lr is the schedule's with the planned length."""
+    clock = iter(range(10**6))
     monkeypatch.setattr(distill.time, "perf_counter", lambda: float(next(clock)))
     out = tmp_path / "run"
-    train(parse_args(run_args(tiny_init, out, "--steps", "1000", "--minutes", "0.5",
+    train(parse_args(run_args(tiny_init, out, "--steps", "1000", "--minutes", str(minutes),
                               "--cooldown", str(cooldown), "--warmup", "1", "--save-every", "1000")))
     recs = [json.loads(line) for line in open(out / "log.jsonl")]
     plans = [r for r in recs if "planned_steps" in r]
-    final = plans[-1]["planned_steps"]
-    assert plans and 4 < final < 1000 and [p["planned_steps"] for p in plans] != [1000]
+    assert len(plans) == 1 and plans[0]["step"] == 2            # once, at the first log line
+    final = plans[0]["planned_steps"]
+    if minutes < 0.01:
+        assert final == 2 + cooldown
+    else:
+        assert 2 + cooldown <= final < 1000 and final > 4
     state = torch.load(out / "ckpt" / "train_state.pt", weights_only=False)
-    assert state["step"] == final and state["args"]["steps"] == final
-    assert json.load(open(out / "args.json"))["steps"] == final
+    assert state["step"] == final and state["args"]["planned_steps"] == final
+    args = json.load(open(out / "args.json"))
+    assert args["planned_steps"] == final and args["steps"] == 1000
     losses = [r for r in recs if "loss" in r]
     assert losses[-1]["step"] == final
-    if cooldown:
-        cfg = TrainConfig(**state["args"])
-        assert lr_at(final - 1, cfg) == pytest.approx(cfg.lr / cfg.cooldown)   # the last cool-down step
-        # re-planning stopped before the cool-down: no plan at or after its first step
-        assert all(p["step"] < final - cooldown for p in plans)
-    else:
-        assert plans[-1]["step"] == plans[-1]["planned_steps"] == final
+    for r in losses:
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, 2e-4, 1, cooldown, final))
 
 
 def test_a_new_run_never_mixes_with_an_old_one_in_the_same_out(tiny_init, tmp_path, capsys):
@@ -172,7 +175,7 @@ def test_bad_input_messages(tiny_init, tmp_path, capsys):
     fails(run_args(tiny_init, tmp_path / "o4c", "--minutes", "-1"), "--minutes must be >= 0")
     fails(run_args(tiny_init, tmp_path / "o4d", "--minutes", "1", "--resume"), "the first run planned")
     fails(run_args(tiny_init, tmp_path / "o4e", "--minutes", "1", "--steps", "100", "--cooldown", "99"),
-          "leaves none of --steps 100")
+          "would start before that in --steps 100")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     for name in os.listdir(tiny_init):
@@ -188,11 +191,11 @@ def test_bad_input_messages(tiny_init, tmp_path, capsys):
 
 
 def test_embedded_teacher_is_its_recipe_and_solves_held_out_problems(tmp_path):
-    """The committed teacher was made by distill.TEACHER_RECIPE and meets the >= 90% bar (greedy
+    """The committed teacher was made by synthetic.teacher.TEACHER_RECIPE and meets the >= 90% bar (greedy
     k=1, through bench.py, on the first 50 of the 200 held-out problems)."""
     from dataclasses import asdict
     import bench
-    from distill import DEFAULT_TEACHER, TEACHER_RECIPE
+    from synthetic.teacher import DEFAULT_TEACHER, TEACHER_RECIPE
     with open(os.path.join(DEFAULT_TEACHER, "args.json")) as f:
         made_with = json.load(f)
     recipe = asdict(parse_args(TEACHER_RECIPE))

@@ -2,7 +2,8 @@
 each fails on a plausible wrong reimplementation (README names the bug each one catches)."""
 import torch
 
-from data import load_tokenizer, plain_prompt, synthetic_problems
+from data import load_tokenizer, plain_prompt
+from synthetic.problems import synthetic_problems
 from decode import accept_confadapt, generate
 from distill import DEFAULT_TEACHER
 from model import KVCache, Transformer

@@ -1,5 +1,5 @@
 """distill.py at scale, on the CPU: FSDP2 over two gloo processes against one process, an FSDP run
-killed and resumed, --grad-ckpt against plain backward, and the --plan memory estimate against the
+killed and resumed, --grad-ckpt against plain backward, and the memory plan (tools/plan_memory.py) against the
 model's own parameter count and autograd's own record of what a block saves."""
 import json
 import os
@@ -13,9 +13,10 @@ import torch
 
 from conftest import ROOT, assert_exits, tiny_config
 from data import pack
-from distill import (block_activations, checkpoint_blocks, load_models, load_samples, main,
-                     memory_plan, mtp_step, n_regions, param_counts, parse_args, plan_shapes,
-                     supervised_weight, train)
+from distill import load_models, load_samples, main, mtp_step, n_regions, parse_args, supervised_weight, train
+from parallel.distributed import checkpoint_blocks
+from tools.plan_memory import block_activations, memory_plan, param_counts, plan_shapes
+from tools.plan_memory import main as plan_main
 from model import Transformer
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -175,24 +176,25 @@ def test_plan_of_the_papers_checkpoints_from_their_config_alone(capsys):
     llama = os.path.join(FIXTURES, "llama-3.1-8b")
     rows = {}
     for n in (1, 4):
-        main(["--init", llama, "--plan", "--fsdp", "--nproc", str(n), "--k", "16", "--grad-ckpt"])
+        plan_main(["--init", llama, "--fsdp", "--nproc", str(n), "--k", "16", "--grad-ckpt"])
         out = capsys.readouterr().out
         rows[n] = {line[:42].strip(): float(line[42:].split()[0]) for line in out.splitlines()
                    if line.endswith("GiB") and line.startswith("  ")}
     assert rows[4]["AdamW state (2 x fp32)"] == pytest.approx(rows[1]["AdamW state (2 x fp32)"] / 4,
                                                               abs=0.01)
     assert "fits in 80 GiB" in out
-    main(["--init", llama, "--plan", "--k", "16", "--gpu-mem", "24"])
+    plan_main(["--init", llama, "--k", "16", "--gpu-mem", "24"])
     assert "does NOT fit in 24 GiB" in capsys.readouterr().out
 
 
 def test_plan_errors(tmp_path, capsys):
-    assert_exits(main, ["--init", str(tmp_path), "--plan"], "config.json", capsys)
+    assert_exits(plan_main, ["--init", str(tmp_path)], "config.json", capsys)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
-    assert_exits(main, ["--init", str(tmp_path), "--plan"], "not 'mamba'", capsys)
+    assert_exits(plan_main, ["--init", str(tmp_path)], "not 'mamba'", capsys)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    assert_exits(main, ["--init", str(tmp_path), "--plan"], "no 'num_attention_heads'", capsys)
-    assert_exits(main, ["--init", str(tmp_path), "--nproc", "4"], "only describe the machine", capsys)
+    assert_exits(plan_main, ["--init", str(tmp_path)], "no 'num_attention_heads'", capsys)
+    assert_exits(plan_main, ["--init", str(tmp_path), "--nproc", "0"], "--nproc must be >= 1", capsys)
+    assert_exits(plan_main, ["--init", str(tmp_path), "--pretrain"], "not --pretrain", capsys)
 
 
 @pytest.mark.parametrize("kw", [{}, {"model_type": "gpt2"}, {"model_type": "qwen2"}, {"model_type": "qwen3"},

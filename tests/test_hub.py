@@ -45,7 +45,7 @@ def test_gpt2_hub_name_downloads_and_loads(hub, tmp_path):
 @pytest.mark.skipif(not os.path.isfile(GPT2_RANKS), reason="../shared not present")
 def test_distill_init_gpt2_end_to_end(hub, tmp_path):
     import json
-    from data import synthetic_problems
+    from synthetic.problems import synthetic_problems
     from distill import parse_args, train
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in synthetic_problems(20)))

@@ -181,11 +181,11 @@ def test_sharded_checkpoint_loads(tmp_path):
 def test_flex_block_mask_equals_the_boolean_mask():
     """The FlexAttention path (distill.py --attention flex) gives the SDPA path's logits."""
     from data import pack
-    from model import block_mask
+    from fast.flex import FlexMask
     m = tiny_model()
     mtp = m.add_mtp_token()
     P = pack([list(range(2, 40)) + [1], list(range(5, 70))], k=3, offset=1, n_regions=4,
              seq_len=40, mtp_id=mtp, eos_id=1)
     with torch.no_grad():        # FlexAttention has no backward on the CPU (training uses CUDA)
-        torch.testing.assert_close(m(P.idx, pos=P.pos, mask=block_mask(P.mask)),
+        torch.testing.assert_close(m(P.idx, pos=P.pos, mask=FlexMask(P.mask)),
                                    m(P.idx, pos=P.pos, mask=P.mask), atol=1e-5, rtol=0)

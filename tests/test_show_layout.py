@@ -1,4 +1,4 @@
-"""`python data.py --show-layout`: what it prints is read back from the text and compared with
+"""`python -m tools.show_layout`: what it prints is read back from the text and compared with
 what pack(), teacher_input() and distill.supervised_weight() give for the same sample."""
 import re
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import assert_exits, tiny_model
-from data import (SHOW_DEFAULT_TOKENIZER, load_tokenizer, main, pack, sample_ids, synthetic_problems,
-                  teacher_input)
+from data import load_tokenizer, pack, sample_ids, teacher_input
+from synthetic.problems import synthetic_problems
+from tools.show_layout import SHOW_DEFAULT_TOKENIZER, main
 from distill import TrainConfig, supervised_weight
 from model import Transformer
 
@@ -63,7 +64,7 @@ def check(text, seq, k, offset, M, N, mtp, eos, rollout=None):
     ["--k", "3", "--regions", "3", "--seq-len", "15", "--offset", "1", "--text", "Q: 2 + 3?\nA: 5"],
 ])
 def test_printed_layout_is_packs(args, capsys):
-    main(["--show-layout", *args])
+    main([*args])
     text = capsys.readouterr().out
     opt = dict(zip(args[::2], args[1::2]))
     k, M, N = int(opt.get("--k", 3)), int(opt.get("--regions", 2)), int(opt.get("--seq-len", 16))
@@ -81,7 +82,7 @@ def test_printed_layout_is_packs(args, capsys):
 def test_rollout_of_a_student_fills_the_teacher_input(tiny_init, capsys):
     """--student: the teacher's slots hold that model's argmax, computed here with a plain forward
     over every packed slot (no out_idx), <MTP> left out as an output."""
-    main(["--show-layout", "--student", tiny_init, "--k", "4", "--seq-len", "24", "--offset", "2"])
+    main(["--student", tiny_init, "--k", "4", "--seq-len", "24", "--offset", "2"])
     text = capsys.readouterr().out
     tok = load_tokenizer(tiny_init)
     model = Transformer.from_pretrained(tiny_init).eval()
@@ -101,17 +102,16 @@ def test_bad_options_are_messages(tmp_path, capsys):
     def fails(args, message):
         assert_exits(main, args, message, capsys)
 
-    fails([], "pass --show-layout")
-    fails(["--show-layout", "--offset", "8"], "offset must be in [0, 8)")
-    fails(["--show-layout", "--k", "9"], "too short")
-    fails(["--show-layout", "--k", "0"], "must be >= 1")
-    fails(["--show-layout", "--seq-len", "200"], "<= 100")
-    fails(["--show-layout", "--text", ""], "--text is empty")
-    fails(["--show-layout", "--problem", "-1"], "--problem must be >= 0")
-    fails(["--show-layout", "--tokenizer", str(tmp_path / "none")], "not 'gpt2', a file")
-    fails(["--show-layout", "--student", str(tmp_path)], "--student:")
-    fails(["--show-layout", "--text", "x", "--problem", "2"], "not allowed with")
+    fails(["--offset", "8"], "offset must be in [0, 8)")
+    fails(["--k", "9"], "too short")
+    fails(["--k", "0"], "must be >= 1")
+    fails(["--seq-len", "200"], "<= 100")
+    fails(["--text", ""], "--text is empty")
+    fails(["--problem", "-1"], "--problem must be >= 0")
+    fails(["--tokenizer", str(tmp_path / "none")], "not 'gpt2', a file")
+    fails(["--student", str(tmp_path)], "--student:")
+    fails(["--text", "x", "--problem", "2"], "not allowed with")
     small = tmp_path / "small"                     # a student with a 61-token vocabulary
     tiny_model().save_pretrained(small)
-    fails(["--show-layout", "--student", str(small), "--tokenizer", SHOW_DEFAULT_TOKENIZER],
+    fails(["--student", str(small), "--tokenizer", SHOW_DEFAULT_TOKENIZER],
           "use the student's own tokenizer")

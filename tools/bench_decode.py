@@ -3,8 +3,8 @@ Decoding speed at batch 1: our static k=1 greedy decoding (eager, CUDA graphs, t
 CUDA graphs) against stock Hugging Face transformers `generate` (greedy), with the same weights,
 prompt, dtype and device, in the same process.
 
-    python bench_decode.py --ckpt checkpoints/smollm2-135m-instruct --device cuda --dtype bf16
-    python bench_decode.py --ckpt checkpoints/synth-teacher --engines eager --max-new 64   # CPU
+    python -m tools.bench_decode --ckpt checkpoints/smollm2-135m-instruct --device cuda --dtype bf16
+    python -m tools.bench_decode --ckpt checkpoints/synth-teacher --engines eager --max-new 64   # CPU
 
 Every run generates exactly --max-new tokens (no stop token), so tokens/s compare the same work:
 the prefill and --max-new - 1 one-token passes. Each engine is warmed up first (one full run:
@@ -22,7 +22,7 @@ import time
 import torch
 
 from data import TokenizerError, load_tokenizer, plain_prompt
-from decode import DecodeError, generate, load_for_decoding, make_engine, resolve_device
+from decode import DecodeError, decode_one, load_for_decoding, make_engine, resolve_device
 from model import CheckpointError
 
 DEFAULT_PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
@@ -54,7 +54,7 @@ def timed_runs(fn, repeats, device):
 def ours(model, ids, n, engine, capacity):
     """Our static k=1 decode with a fresh engine's cache each run (graphs are kept: one engine)."""
     run = make_engine(model, 1, engine, capacity)
-    return lambda: generate(model, ids, max_new_tokens=n, static_k=1, engine=run)[0]
+    return lambda: decode_one(model, ids, max_new_tokens=n, static_k=1, engine=run)[0]
 
 
 def hf_generate(path, ids, n, device, dtype):

@@ -2,8 +2,8 @@
 Convert a llama-architecture GGUF file (llama.cpp's format) into our Hugging Face layout.
 
     pip install gguf                              # optional dependency, only this script needs it
-    python convert_gguf.py ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2-135m-instruct
-    python convert_gguf.py ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2-135m-instruct --ppl 100
+    python -m tools.convert_gguf ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2-135m-instruct
+    python -m tools.convert_gguf ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2-135m-instruct --ppl 100
     python -m pytest -q tests/test_convert_gguf.py -s
 
 The output directory holds config.json + model.safetensors (HF names, loads with
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import data
+from compat.tokenizers import LLAMA3_PATTERN, bpe_to_tiktoken
 from model import CheckpointError, Config, Transformer
 
 try:
@@ -196,7 +197,7 @@ PRE_PATTERNS = {
     "smollm": data.DIGITS_PATTERN,
     "starcoder": data.DIGITS_PATTERN,   # llama.cpp treats these like smollm
     "gpt-2": data.GPT2_PATTERN,
-    "llama-bpe": data.LLAMA3_PATTERN,
+    "llama-bpe": LLAMA3_PATTERN,
 }
 STOP_CANDIDATES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
 
@@ -219,7 +220,7 @@ def gguf_tokenizer(meta, name):
     specials = [tok for tok, ty in zip(tokens, types)
                 if ty in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)]
     try:
-        enc = data.bpe_to_tiktoken(vocab, meta["tokenizer.ggml.merges"], name, PRE_PATTERNS[pre], specials)
+        enc = bpe_to_tiktoken(vocab, meta["tokenizer.ggml.merges"], name, PRE_PATTERNS[pre], specials)
     except data.TokenizerError as e:
         raise ConversionError(f"the GGUF's BPE cannot be expressed as tiktoken ranks: {e}") from None
 

@@ -1,8 +1,8 @@
 """
 Training speed: one MTP distillation step (distill.py's) against a plain next-token step.
 
-    python bench_train.py                           # the embedded default teacher, synthetic data, CPU
-    python bench_train.py --init checkpoints/smollm2-135m-instruct --data gsm8k --seq-len 160 \\
+    python -m tools.bench_train                           # the embedded default teacher, synthetic data, CPU
+    python -m tools.bench_train --init checkpoints/smollm2-135m-instruct --data gsm8k --seq-len 160 \\
         --batch 64 --k 16 --steps 20 --device cuda [--compile] [--attention flex]
 
 Both kinds of step run on the same student (init + <MTP>, as distill.py loads it) with the same
@@ -30,7 +30,8 @@ from data import DataError, TokenizerError, pack
 from distill import (ConfigError, Stream, TrainConfig, add_config_args, autocast, check_config,
                      draw_k_offset, hard_ce, load_models, load_samples, mtp_step, n_regions,
                      ntp_inputs, optimizer_update, supervised_weight, uses_bf16)
-from model import CheckpointError, block_mask
+from fast.flex import FlexMask
+from model import CheckpointError
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity), matched in order on the device name
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
@@ -204,7 +205,7 @@ def run(cfg, a):
              "ntp": sum(ntp_flops(student, P) for P in batches)}
     if cfg.attention == "flex":     # one block mask per batch (the layout is the same for every row)
         for P in batches:
-            P.mask = block_mask(P.mask)
+            P.mask = FlexMask(P.mask)
 
     raw = student
     if cfg.compile:
