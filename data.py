@@ -32,7 +32,7 @@ class DataError(ValueError):
 
 
 # -----------------------------------------------------------------------------
-# Packing many MTP problems into one training sequence (METHOD.md, "Packing")
+# Packing many MTP problems into one training sequence (docs/METHOD.md, "Packing")
 
 @dataclass
 class Packed:
@@ -102,7 +102,7 @@ def pack(seqs, k, offset, n_regions, seq_len, mtp_id, eos_id):
     the first region whose k targets reach the EOS is the row's last. The model sees only the
     first seq_len tokens, but targets come from the whole sample: the last region's span can
     reach up to k-1 tokens past the window, and a sample whose EOS falls there still gets its
-    real tokens, then EOS (METHOD.md: "its span targets past EOS are EOS").
+    real tokens, then EOS (docs/METHOD.md: "its span targets past EOS are EOS").
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")

@@ -209,7 +209,8 @@ def supervised_weight(P, cfg):
 
 
 def mtp_step(student, teacher, P, cfg, mtp_id, eos_id, denom, prefix_denom=None):
-    """Student forward -> argmax rollout -> teacher forward on it -> loss (METHOD.md, steps 1-4).
+    """Student forward -> argmax rollout -> teacher forward on it -> loss (docs/METHOD.md,
+    "Training objective", steps 1-4).
     denom, prefix_denom: the step's counts (step_denominators); prefix_denom only for --prefix-loss,
     None = this batch is the whole step."""
     B, (M, k) = P.idx.size(0), P.sup.shape

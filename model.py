@@ -360,7 +360,7 @@ class Transformer(nn.Module):
             x = x.gather(1, out_idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))  # (B, n, D)
         return self.lm_head(x)
 
-    # --- the <MTP> token (METHOD.md, "The <MTP> token") ---
+    # --- the <MTP> token (docs/METHOD.md, "The <MTP> token") ---
 
     @torch.no_grad()
     def add_mtp_token(self, seed=0):

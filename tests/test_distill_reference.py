@@ -1,6 +1,6 @@
 """distill.mtp_step against a per-region reference that never builds the packed layout.
 
-The reference follows METHOD.md literally, one sample and one region at a time, with plain causal
+The reference follows docs/METHOD.md literally, one sample and one region at a time, with plain causal
 forwards: the student reads x_0..x_p + (k-1) <MTP>, its argmax is the rollout, the teacher reads
 x_0..x_p + the rollout's first k-1 tokens, and each target is the teacher's (or, with --targets
 data, the sample's own next token), EOS past the sample's EOS. The first region whose span covers
