@@ -1,4 +1,4 @@
-"""bench_train.py on a tiny model: the report adds up, its MTP step is distill.py's, bad input."""
+"""tools/bench_train.py on a tiny model: the report adds up, its MTP step is distill.py's, bad input."""
 import argparse
 import json
 

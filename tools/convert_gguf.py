@@ -43,7 +43,7 @@ try:
 except ImportError:
     gguf = None
 
-GGUF_MISSING = "convert_gguf.py needs the `gguf` package to read GGUF files: pip install gguf"
+GGUF_MISSING = "tools/convert_gguf.py needs the `gguf` package to read GGUF files: pip install gguf"
 
 
 class ConversionError(ValueError):

@@ -18,7 +18,7 @@ import sys
 from distill import ConfigError, TrainConfig, add_config_args, check_config, n_regions
 from synthetic.teacher import DEFAULT_TEACHER
 
-# The memory plan (--plan): bytes per GPU, from config.json's fields alone (no weights read)
+# The memory plan: bytes per GPU, from config.json's fields alone (no weights read)
 
 
 def plan_shapes(hf):
