@@ -1,8 +1,8 @@
 """tools/gpu_run.sh and its summary (tools/gpu_summary.py): the ratios against their goals, from
 JSON in the shape bench.py, bench_decode and bench_train write; the script's argument checks.
 
-The whole script at toy sizes on the CPU (every step, ~2 minutes on 2 cores) runs with
-MTP_SLOW_TESTS=1:
+The whole script at toy sizes on the CPU (every step: about 70 s of CPU time, ten processes that
+each import torch, so 1-2 minutes of wall clock) runs only with MTP_SLOW_TESTS=1:
     MTP_SLOW_TESTS=1 python -m pytest -q tests/test_gpu_run.py
 """
 import json
@@ -100,7 +100,7 @@ def test_gpu_run_checks_its_arguments(tmp_path, args, message):
 
 
 @pytest.mark.skipif(not os.environ.get("MTP_SLOW_TESTS"),
-                    reason="~2 minutes on 2 CPU cores: set MTP_SLOW_TESTS=1 to run it")
+                    reason="1-2 minutes on the CPU: set MTP_SLOW_TESTS=1 to run it")
 def test_gpu_run_tiny_runs_every_step(tmp_path):
     r = subprocess.run(["bash", SCRIPT, "--tiny", "--out", str(tmp_path)], capture_output=True,
                        text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -4,8 +4,9 @@
 #
 #   bash tools/gpu_run.sh --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf --gsm8k DIR [--out DIR]
 #   bash tools/gpu_run.sh --ckpt checkpoints/smollm2-135m-instruct --gsm8k DIR    # converted already
-#   bash tools/gpu_run.sh --tiny      # every step on the CPU at toy sizes (~1-2 minutes), to check
-#                                     # the script: the embedded teacher, synthetic problems
+#   bash tools/gpu_run.sh --tiny      # every step on the CPU at toy sizes, to check the script
+#                                     # (~2 minutes): the embedded teacher, synthetic problems
+#   bash tools/gpu_run.sh --tiny --gguf FILE --gsm8k DIR   # the same with SmolLM2 (~13 minutes)
 #
 # --gsm8k DIR holds GSM8K's train.jsonl and test.jsonl. Needs one CUDA GPU and requirements.txt;
 # `pip install gguf` to convert --gguf; transformers for step 4's comparison rows (without it they
@@ -28,7 +29,7 @@
 # figure against its goal.
 set -u -o pipefail
 
-usage="usage: bash tools/gpu_run.sh (--gguf FILE | --ckpt DIR) --gsm8k DIR [--out DIR] | --tiny [...]"
+usage="usage: bash tools/gpu_run.sh (--gguf FILE | --ckpt DIR) --gsm8k DIR [--out DIR] [--tiny]"
 GGUF="" CKPT="" GSM8K="" OUT=runs/gpu TINY=0
 while [ $# -gt 0 ]; do
   case $1 in
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
     --gsm8k) GSM8K=${2:?$usage}; shift 2 ;;
     --out) OUT=${2:?$usage}; shift 2 ;;
     --tiny) TINY=1; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;    # the lines above
     *) echo "unknown argument $1"; echo "$usage"; exit 2 ;;
   esac
 done
@@ -54,13 +55,13 @@ T0=$(date +%s)
 # Sizes: the real run on the GPU, or toy sizes on the CPU (--tiny)
 
 if [ $TINY = 1 ]; then
-  DEV=cpu; GRAPHS=eager; DTYPE=fp32
-  MINUTES=0.1; DISTILL="--steps 40 --seq-len 64 --micro-batch 4 --step-tokens 256 --warmup 2
-    --cooldown 4 --log-every 4"
-  N_BENCH=8; NEW_BENCH=24; N_B1=2; N_B16=16; NEW_SPEED=16; NEW_DECODE=16; REPEATS=1
-  TRAIN_SIZES="--seq-len 64 --batch 4 --k 4"; TRAIN_STEPS=3
+  DEV=cpu; GRAPHS=eager; DTYPE=fp32; SLOWER=4   # the time limits are the GPU's, 4 times longer
+  MINUTES=0.1; DISTILL="--steps 40 --seq-len 64 --micro-batch 4 --step-tokens 256 --warmup 1
+    --cooldown 1 --log-every 2"
+  N_BENCH=8; NEW_BENCH=16; N_B1=2; N_B16=16; NEW_SPEED=12; NEW_DECODE=16; REPEATS=1
+  TRAIN_SIZES="--seq-len 64 --batch 4 --k 4"; TRAIN_STEPS=2
 else
-  DEV=cuda; GRAPHS=graphs; DTYPE=bf16
+  DEV=cuda; GRAPHS=graphs; DTYPE=bf16; SLOWER=1
   MINUTES=4; DISTILL="--steps 100000 --seq-len 256 --micro-batch 32 --step-tokens 8192 --lr 5e-5
     --warmup 100 --cooldown 500 --log-every 100"
   N_BENCH=500; NEW_BENCH=256; N_B1=16; N_B16=64; NEW_SPEED=128; NEW_DECODE=128; REPEATS=3
@@ -108,10 +109,10 @@ rm -f "$OUT"/{gsm8k,b1,b16,b1_t07,b16_t07,decode,decode_compile,train,train_comp
 
 ENDED=()              # how each step ended: printed at the end, and in OUT/steps.tsv
 : > "$OUT/steps.tsv"
-# run LIMIT NAME CMD...: CMD under a time limit of LIMIT seconds, what it prints in OUT/NAME.log;
-# then says how it ended
+# run LIMIT NAME CMD...: CMD under a time limit of LIMIT seconds (on the GPU), what it prints in
+# OUT/NAME.log; then says how it ended
 run() {
-  local limit=$1 name=$2; shift 2
+  local limit=$(( $1 * SLOWER )) name=$2; shift 2
   local t=$(date +%s) rc how
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1; rc=$?
   case $rc in
@@ -126,7 +127,7 @@ run() {
 }
 skip() {
   echo "[$1] skipped: $2"
-  ENDED+=("$1: skipped ($2)"); printf '%s\tskipped (%s)\n' "$1" "$2" >> "$OUT/steps.tsv"
+  ENDED+=("$1: skipped: $2"); printf '%s\tskipped: %s\n' "$1" "$2" >> "$OUT/steps.tsv"
 }
 step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 tables() { grep -hE "^\||^MTP / NTP|rror|arning|not installed" "$@" 2>/dev/null; }
