@@ -1,189 +1,242 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README's "On one H100" section, one part per call of a lent GPU
-# machine (15 device-minutes a session, starts included; a part's steps fit its 10-minute call):
+# The GPU measurements of docs/RESULTS.md in one go, on one GPU (about 10-12 minutes on an H100
+# or H200): SmolLM2-135M-Instruct distilled on GSM8K train, then its decoding and training speed.
 #
-#   bash gpu_run.sh stash     # call 1 (carry .gg1 .whl): the machine and the CUDA tests; keeps
-#                             #   the GGUF's first half (and GSM8K) in /tmp for the next call
-#   bash gpu_run.sh smol      # call 2 (carry .gg2 .whl), right after: SmolLM2-135M-Instruct.
-#                             #   2. batch-1 decoding vs transformers; 5. a GSM8K distillation
-#                             #   (SMOL_MIN minutes) then 3./4. its batch-1 and batch-16 speed and
-#                             #   5. its 500-problem bench
-#   bash gpu_run.sh extra     # call 3, if time is left (no carry): what smol had no time for,
-#                             #   item 1 with k drawn after a warm-up over every packed length,
-#                             #   then the torch.compile rows of items 1 and 2
-#   bash gpu_run.sh default   # the embedded default at 3000 steps (item 6) and the default
-#                             #   recipe's fp32 students, benched (measured 2026-11-26; ~5 min)
+#   bash tools/gpu_run.sh --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf --gsm8k DIR [--out DIR]
+#   bash tools/gpu_run.sh --ckpt checkpoints/smollm2-135m-instruct --gsm8k DIR    # converted already
+#   bash tools/gpu_run.sh --tiny      # every step on the CPU at toy sizes, to check the script
+#                                     # (~2 minutes): the embedded teacher, synthetic problems
+#   bash tools/gpu_run.sh --tiny --gguf FILE --gsm8k DIR   # the same with SmolLM2 (~13 minutes)
 #
-# The SmolLM2 GGUF (98 MB) is more than one call may carry, so it travels in halves (.gg1/part1,
-# .gg2/part2). A carried folder is gone at the next call; /tmp and ignored outputs (runs/,
-# checkpoints/) stay while the machine is warm. Wheels the machine lacks (gguf) travel in .whl/.
-# Every step has its own time limit (lim), so a slow or failing step costs its slot, not the
-# call. At most 8 files come back from a call, so $OUT (default gpu_out/) holds two: PART.log,
-# everything printed, and PART.tgz, the tables, JSON and logs, packed again after every step. TINY=1 runs the same steps on the CPU at toy
-# sizes, with the embedded teacher standing in for SmolLM2.
+# --gsm8k DIR holds GSM8K's train.jsonl and test.jsonl. Needs one CUDA GPU and requirements.txt;
+# `pip install gguf` to convert --gguf; transformers for step 4's comparison rows (without it they
+# are skipped with a message). Steps, most valuable first, each under its own time limit:
+#   1. convert the GGUF (2 min); distill it on GSM8K train for 4 minutes (6 min: bf16, 32 x 256
+#      tokens per step, k_max 4, the cool-down inside the 4 minutes); bench 500 GSM8K test
+#      problems in one batch, fp32 (6 min): static k=1, ConfAdapt 0.9 and 0.95, verified static
+#      k_max and verified ConfAdapt, with the teacher's NLL and "same as k=1"
+#   2. batch 1 on that student, bf16, CUDA graphs (4 min): speedup over static k=1 / tokens per pass
+#   3. 16 sequences at once, same settings (3 min): tokens/s over static k=1's
+#   4. batch-1 static k=1 against transformers generate, bf16: CUDA graphs (2 min), torch.compile
+#      (4 min)
+#   5. the training step against a plain next-token step, k drawn, every packed length warmed up
+#      before timing (2 min), then compiled (5 min)
+#   6. optional: steps 2 and 3 at temperature 0.7, only if `python bench.py --help` lists
+#      --temperature (5 min)
+# Every step writes its table and log into --out (default runs/gpu) as soon as it ends and says
+# how it ended; a step that fails or runs out of time costs its own limit, not the later steps.
+# The last lines printed (also OUT/summary.md, from `python -m tools.gpu_summary OUT`) give each
+# figure against its goal.
 set -u -o pipefail
-part=${1:?usage: gpu_run.sh stash|smol|extra|default}
-OUT=${OUT:-gpu_out}
-D=runs/gpu_$part                              # the details, packed into $OUT/$part.tgz
-rm -rf "$D"; mkdir -p "$OUT" "$D"
-exec > >(tee -a "$OUT/$part.log") 2>&1
-KEEP=${KEEP:-/tmp/mtp_gpu}                   # what outlives a call: the GGUF half, GSM8K, wheels
-export PYTHONUNBUFFERED=1 MTP_CACHE=$KEEP/cache
-PY=python3
+
+usage="usage: bash tools/gpu_run.sh (--gguf FILE | --ckpt DIR) --gsm8k DIR [--out DIR] [--tiny]"
+GGUF="" CKPT="" GSM8K="" OUT=runs/gpu TINY=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --gguf) GGUF=${2:?$usage}; shift 2 ;;
+    --ckpt) CKPT=${2:?$usage}; shift 2 ;;
+    --gsm8k) GSM8K=${2:?$usage}; shift 2 ;;
+    --out) OUT=${2:?$usage}; shift 2 ;;
+    --tiny) TINY=1; shift ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;    # the lines above
+    *) echo "unknown argument $1"; echo "$usage"; exit 2 ;;
+  esac
+done
+abspath() { case $1 in /*|"") echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+GGUF=$(abspath "$GGUF") CKPT=$(abspath "$CKPT") GSM8K=$(abspath "$GSM8K") OUT=$(abspath "$OUT")
+cd "$(dirname "$0")/.."                       # the repository root: the tools run as modules
+PY=${PYTHON:-python}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT" || exit 2
+exec > >(tee "$OUT/run.log") 2>&1             # everything printed, also in OUT/run.log
 T0=$(date +%s)
-step() { tar czf "$OUT/$part.tgz" -C runs "gpu_$part"; echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
-# a step's time limit: its own, or what is left of the part's budget (BUDGET s)
-lim() { local left=$(( ${BUDGET:-570} - ($(date +%s) - T0) )); echo $(( $1 < left ? $1 : (left > 1 ? left : 1) )); }
-# run_to LIMIT LOG CMD...: CMD under its time limit, its output in LOG; says how it ended. A step
-# with under 20 s left is skipped (it could not load a model in that time)
-run_to() {
-  local l; l=$(lim "$1"); local log=$2; shift 2
-  if [ "$l" -lt 20 ]; then echo "skipped: ${l} s left of BUDGET"; return 99; fi
-  timeout "$l" "$@" > "$log" 2>&1; local rc=$?
-  echo "exit $rc$([ $rc = 124 ] && echo ": out of its $l s")"; return $rc
-}
-if [ "${TINY:-0}" = 1 ]; then
-  DEV=cpu; ENGINE=static; S3000=6; S800=6; LIMIT=4; BATCH=6; SMOL_MIN=${SMOL_MIN:-0.1}; GSM_LIMIT=8
-  GSM_BATCH=8; NEW=24; SPEED_N=4; FMT=qa; GSMDATA=synthetic; SEQ=64; SMALL="--micro-batch 4 --step-tokens 640"
-  BNEW="--max-new 12"; TRAIN="--seq-len 64 --batch 4 --k 4 --steps 3"; SMOL=checkpoints/synth-teacher
+
+# -----------------------------------------------------------------------------
+# Sizes: the real run on the GPU, or toy sizes on the CPU (--tiny)
+
+if [ $TINY = 1 ]; then
+  DEV=cpu; GRAPHS=eager; DTYPE=fp32; SLOWER=4   # the time limits are the GPU's, 4 times longer
+  MINUTES=0.1; DISTILL="--steps 40 --seq-len 64 --micro-batch 4 --step-tokens 256 --warmup 1
+    --cooldown 1 --log-every 2"
+  N_BENCH=8; NEW_BENCH=16; N_B1=2; N_B16=16; NEW_SPEED=12; NEW_DECODE=16; REPEATS=1
+  TRAIN_SIZES="--seq-len 64 --batch 4 --k 4"; TRAIN_STEPS=2
 else
-  DEV=cuda; ENGINE=graphs; S3000=3000; S800=800; LIMIT=1000; BATCH=250; SMOL_MIN=${SMOL_MIN:-4}
-  GSM_LIMIT=500; GSM_BATCH=500; NEW=256; SPEED_N=16; FMT=chat; GSMDATA=gsm8k; SEQ=256; SMALL=""; BNEW=""
-  TRAIN="--seq-len 160 --batch 64 --k 16 --steps 10"; SMOL=checkpoints/smollm2-135m-instruct
+  DEV=cuda; GRAPHS=graphs; DTYPE=bf16; SLOWER=1
+  MINUTES=4; DISTILL="--steps 100000 --seq-len 256 --micro-batch 32 --step-tokens 8192 --lr 5e-5
+    --warmup 100 --cooldown 500 --log-every 100"
+  N_BENCH=500; NEW_BENCH=256; N_B1=16; N_B16=64; NEW_SPEED=128; NEW_DECODE=128; REPEATS=3
+  TRAIN_SIZES="--seq-len 160 --batch 64 --k 16"; TRAIN_STEPS=10
 fi
 
-if [ "$part" = stash ]; then           # before the wheels: they are stashed too
-  mkdir -p "$KEEP" && cp -r .gg1/. "$KEEP"/ 2>/dev/null; cp -r .whl "$KEEP"/ 2>/dev/null
-  ls -la "$KEEP"
+# -----------------------------------------------------------------------------
+# The inputs: the teacher checkpoint and the data
+
+fail() { echo "error: $*"; echo "$usage"; exit 2; }
+if [ -n "$GGUF" ]; then
+  [ -f "$GGUF" ] || fail "--gguf $GGUF: no such file"
+  $PY -c "import gguf" 2>/dev/null || fail "converting --gguf needs the gguf package (pip install gguf)"
+  TEACHER=$OUT/teacher
+elif [ -n "$CKPT" ]; then
+  [ -f "$CKPT/config.json" ] || fail "--ckpt $CKPT: no config.json there"
+  TEACHER=$CKPT
+elif [ $TINY = 1 ]; then
+  TEACHER=checkpoints/synth-teacher        # the embedded default teacher stands in for SmolLM2
+else
+  fail "give the model: --gguf FILE (SmolLM2-135M-Instruct.Q4_1.gguf) or --ckpt DIR"
 fi
-for w in .whl "$KEEP/.whl"; do
-  if ls "$w"/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site "$w"/*.whl && export PYTHONPATH=/tmp/site && break
-  fi
-done
-
-smol_checkpoint() {   # the converted SmolLM2 (from this call's halves, or the joined file kept)
-  [ "${TINY:-0}" = 1 ] || [ -f $SMOL/model.safetensors ] && return 0
-  step "join and convert the GGUF"
-  if [ ! -f "$KEEP/smol.gguf" ]; then
-    if [ ! -f "$KEEP/part1" ] || [ ! -f .gg2/part2 ]; then
-      echo "no $KEEP/part1 or .gg2/part2: run 'stash' (carry .gg1) then 'smol' (carry .gg2) on one warm machine"
-      exit 3
-    fi
-    cat "$KEEP/part1" .gg2/part2 > "$KEEP/smol.gguf"
-  fi
-  sha256sum "$KEEP/smol.gguf"
-  run_to 60 "$D/convert.log" $PY convert_gguf.py "$KEEP/smol.gguf" $SMOL; tail -4 "$D/convert.log"
-}
-
-speed_item() {        # 3./4. speed on the student, bf16: batch $1 over $2 problems
-  run_to $3 "$D/speed_b$1.log" $PY bench.py --ckpt runs/smol/ckpt --data $GSMDATA --format $FMT \
-    --limit $2 --batch $1 --max-new 128 --device $DEV --dtype bf16 --engine $ENGINE --static 1 \
-    --taus 0.9 --lean --out "$D/speed_b$1"
-  grep -E "^\| |error" "$D/speed_b$1.log"
-  [ -f "$D/speed_b$1.json" ] && $PY - "$D/speed_b$1.json" <<'EOF'
-import json, sys
-for r in json.load(open(sys.argv[1]))["results"]:
-    print(f"  {r['strategy']:<36} speedup {r['speedup']:.2f}x / {r['eff_k']:.2f} tokens per pass "
-          f"= {r['speedup'] / r['eff_k']:.2f}")
+if [ -z "$GSM8K" ] && [ $TINY = 1 ]; then   # synthetic problems in GSM8K's format stand in
+  GSM8K=$OUT/synthetic; mkdir -p "$GSM8K"
+  $PY - "$GSM8K" <<'EOF'
+import json, os, sys
+from synthetic.problems import SYNTHETIC_TEST_SEED, synthetic_problems
+for split, n, seed in (("train", 2000, 0), ("test", 200, SYNTHETIC_TEST_SEED)):
+    with open(os.path.join(sys.argv[1], f"{split}.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in synthetic_problems(n, seed))
 EOF
-}
-
-gsm_bench() {         # 5. the student on GSM8K test, fp32 (verified rows must equal k=1 exactly)
-  run_to $1 "$D/bench_smol.log" $PY bench.py --ckpt runs/smol/ckpt --data $GSMDATA --format $FMT \
-    --limit $GSM_LIMIT --batch $GSM_BATCH --max-new $NEW --device $DEV --dtype fp32 --static 1,2,3 \
-    --taus 0.9,0.8 --teacher $SMOL --out "$D/bench_smol"
-  grep -E "^\| |error|warning" "$D/bench_smol.log"
-  # the table is rewritten after every strategy: a killed bench leaves a partial one
-  grep -h "partial" "$D/bench_smol.md" 2>/dev/null
-  grep -qs "partial" "$D/bench_smol.md" || cp "$D/bench_smol.json" runs/bench_smol.json 2>/dev/null
-}
-
-if [ "$part" = stash ]; then
-  step "machine"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-  $PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
-  step "CUDA tests"
-  run_to 150 "$D/test_cuda.log" $PY -m pytest -q tests/test_cuda.py; tail -15 "$D/test_cuda.log"
-  step "stash done"
-  exit 0
 fi
-
-if [ "$part" = smol ]; then
-  smol_checkpoint
-
-  step "2. batch-1 decoding, ours (eager / CUDA graphs) vs transformers generate, bf16, 128 tokens"
-  run_to 60 "$D/decode_b1.log" $PY bench_decode.py --ckpt $SMOL --device $DEV --dtype bf16 \
-    --max-new $((NEW / 2)) --engines eager,$ENGINE --out "$D/decode_b1.json"
-  grep -E "^\||^CPU|^NVIDIA|error" "$D/decode_b1.log"
-
-  step "5. distill SmolLM2 on GSM8K train for $SMOL_MIN minutes (batch 32 x $SEQ tokens, k_max 4, bf16)"
-  run_to $(awk "BEGIN { print int($SMOL_MIN * 60 + 60) }") "$D/train_smol.log" $PY distill.py \
-    --init $SMOL --data $GSMDATA --k 4 --out runs/smol --overwrite --steps 100000 \
-    --minutes $SMOL_MIN --seq-len $SEQ --micro-batch 32 --step-tokens $((32 * SEQ)) --lr 5e-5 \
-    --warmup 100 --cooldown 500 --log-every 100 --save-every 500 --device $DEV $SMALL
-  grep -E "^step|minutes|done|error" "$D/train_smol.log" | tail -n 12
-
-  step "3. batch 1, $SPEED_N problems, bf16, $ENGINE"
-  speed_item 1 $SPEED_N 70
-  step "4. batch 16, $((4 * SPEED_N)) problems, bf16, $ENGINE"
-  speed_item 16 $((4 * SPEED_N)) 60
-
-  step "5. bench the student: $GSM_LIMIT GSM8K test problems, batch $GSM_BATCH, fp32, eager, every strategy"
-  rm -f runs/bench_smol.json
-  gsm_bench 400
-  cp runs/smol/log.jsonl "$D/smol_log.jsonl" 2>/dev/null
-  step "smol done"
-  exit 0
-fi
-
-if [ "$part" = extra ]; then
-  smol_checkpoint
-  if [ -d runs/smol/ckpt ] && [ ! -f runs/bench_smol.json ]; then      # smol ran out of time
-    step "5. (again) the student's GSM8K bench"
-    gsm_bench 300
-  fi
-  step "1. training cost, SDPA, k drawn, warmed up over the whole batch set (every packed length)"
-  run_to 60 "$D/train_cost.log" $PY bench_train.py --init $SMOL --data $GSMDATA $TRAIN --device $DEV \
-    --warmup-steps 12
-  grep -E "^\||MTP / NTP|^\{|rror" "$D/train_cost.log"
-  if [ "$DEV" = cuda ]; then
-    step "2. with torch.compile: ours (compile) and eager, bf16, 128 tokens, no transformers"
-    run_to 120 "$D/decode_b1_compile.log" $PY bench_decode.py --ckpt $SMOL --device cuda --dtype bf16 \
-      --max-new 128 --engines eager,compile --no-hf --out "$D/decode_b1_compile.json"
-    grep -E "^\||^NVIDIA|rror" "$D/decode_b1_compile.log"
-    step "1. training cost with torch.compile (SDPA, fixed k, then k drawn)"
-    for flags in "--fixed-k --compile" "--compile"; do
-      echo "--- $flags"
-      run_to 150 "$D/train_cost_compile${flags// /}.log" $PY bench_train.py --init $SMOL \
-        --data $GSMDATA $TRAIN --device cuda $flags
-      grep -E "^\||MTP / NTP|^\{|rror" "$D/train_cost_compile${flags// /}.log"
-    done
-  fi
-  step "extra done"
-  exit 0
-fi
-
-[ "$part" = default ] || { echo "unknown part $part: stash | smol | extra | default"; exit 2; }
-step "three trainings at once: default at $S3000 steps (bf16), default and --prefix-loss at $S800 (fp32)"
-timeout $(lim 240) $PY distill.py --k 4 --steps $S3000 --cooldown $((S3000 / 2)) --device $DEV \
-  --out runs/d3000 --overwrite --save-every 1000 $SMALL > "$D/train_d3000.log" 2>&1 & pids="$!"
-timeout $(lim 240) $PY distill.py --k 4 --steps $S800 --device $DEV --precision fp32 --threads 1 \
-  --out runs/d800 --overwrite $SMALL > "$D/train_d800.log" 2>&1 & pids="$pids $!"
-timeout $(lim 240) $PY distill.py --k 4 --steps $S800 --device $DEV --precision fp32 --threads 1 \
-  --prefix-loss --out runs/p800 --overwrite $SMALL > "$D/train_p800.log" 2>&1 & pids="$pids $!"
-wait $pids       # (a bare wait would also wait for the tee that logs this script)
-tail -n 2 "$D"/train_*.log
-pids=""
-step "benches: $LIMIT held-out problems, batch $BATCH, fp32"
-for r in d3000 d800 p800; do
-  timeout $(lim 200) $PY bench.py --ckpt runs/$r/ckpt --data synthetic --limit $LIMIT --batch $BATCH \
-    --device $DEV --static 1 --taus 0.95,0.9 --lean $BNEW --out "$D/bench_$r" > "$D/bench_$r.log" 2>&1 &
-  pids="$pids $!"
+[ -n "$GSM8K" ] || fail "give GSM8K: --gsm8k DIR (holding train.jsonl and test.jsonl)"
+for split in train test; do
+  [ -f "$GSM8K/$split.jsonl" ] || fail "--gsm8k $GSM8K: no $split.jsonl there"
 done
-wait $pids
-for r in d3000 d800 p800; do echo "--- $r"; grep -E "^\| |error|warning" "$D/bench_$r.log"; done
-cp -r runs/d3000/log.jsonl "$D/d3000_log.jsonl"
-tar czf "$OUT/students.tgz" --exclude train_state.pt runs/d3000/ckpt runs/d800/ckpt runs/p800/ckpt
-step "default done"
+TRAIN_DATA=$GSM8K/train.jsonl; TEST_DATA=$GSM8K/test.jsonl
+STUDENT=$OUT/student/ckpt
+# no figure of an earlier run in OUT is read as this one's
+rm -rf "$OUT/student"
+rm -f "$OUT"/{gsm8k,b1,b16,b1_t07,b16_t07,decode,decode_compile,train,train_compile}.{json,md,log}
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+ENDED=()              # how each step ended: printed at the end, and in OUT/steps.tsv
+: > "$OUT/steps.tsv"
+# run LIMIT NAME CMD...: CMD under a time limit of LIMIT seconds (on the GPU), what it prints in
+# OUT/NAME.log; then says how it ended
+run() {
+  local limit=$(( $1 * SLOWER )) name=$2; shift 2
+  local t=$(date +%s) rc how
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1; rc=$?
+  case $rc in
+    0) how="done in $(( $(date +%s) - t )) s" ;;
+    124|137) how="stopped at its $limit s limit" ;;
+    *) how="failed (exit $rc) after $(( $(date +%s) - t )) s" ;;
+  esac
+  echo "[$name] $how"
+  ENDED+=("$name: $how"); printf '%s\t%s\n' "$name" "$how" >> "$OUT/steps.tsv"
+  [ $rc = 0 ] || tail -n 5 "$OUT/$name.log" | sed 's/^/    /'
+  return $rc
+}
+skip() {
+  echo "[$1] skipped: $2"
+  ENDED+=("$1: skipped: $2"); printf '%s\tskipped: %s\n' "$1" "$2" >> "$OUT/steps.tsv"
+}
+step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+tables() { grep -hE "^\||^MTP / NTP|rror|arning|not installed" "$@" 2>/dev/null; }
+# bench NAME LIMIT ARGS...: bench.py on the student, its table in OUT/NAME.md and .json
+bench() {
+  local name=$1 limit=$2; shift 2
+  if [ ! -f "$STUDENT/model.safetensors" ]; then skip "$name" "no student (step 1)"; return; fi
+  run "$limit" "$name" $PY bench.py --ckpt "$STUDENT" --data "$TEST_DATA" --format $FORMAT \
+    --device $DEV --out "$OUT/$name" "$@"
+  cat "$OUT/$name.md" 2>/dev/null; tables "$OUT/$name.log" | grep -v "^|"
+}
+
+step "the machine"
+[ $TINY = 1 ] || $PY -c "import torch; assert torch.cuda.is_available()" 2>/dev/null ||
+  fail "no CUDA GPU found (bash tools/gpu_run.sh --tiny runs the steps on the CPU at toy sizes)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+$PY - <<'EOF'
+from importlib.metadata import PackageNotFoundError, version
+import torch
+versions = [f"torch {torch.__version__}"]
+for name in ("transformers", "gguf"):
+    try:
+        versions.append(f"{name} {version(name)}")
+    except PackageNotFoundError:
+        versions.append(f"{name} not installed")
+print(" | ".join(versions), "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
+EOF
+echo "teacher $TEACHER | data $GSM8K | out $OUT"
+
+# -----------------------------------------------------------------------------
+# 1. The real run: convert, distill for $MINUTES minutes, bench GSM8K test in one batch
+
+step "1. convert, distill for $MINUTES minutes, bench $N_BENCH test problems in one batch"
+if [ -n "$GGUF" ]; then
+  run 120 convert $PY -m tools.convert_gguf "$GGUF" "$TEACHER" && tail -n 3 "$OUT/convert.log"
+fi
+if [ -f "$TEACHER/config.json" ]; then
+  run $(awk "BEGIN { print int($MINUTES * 60 + 120) }") distill $PY distill.py --init "$TEACHER" \
+    --data "$TRAIN_DATA" --k 4 --out "$OUT/student" --overwrite --minutes $MINUTES $DISTILL \
+    --save-every 1000 --device $DEV
+  grep -E "^step|minutes|rror" "$OUT/distill.log" | tail -n 6
+else
+  skip distill "no teacher checkpoint"
+fi
+# prompts in the model's chat format (SmolLM2's), or "Q: ... A:" for a model without one
+FORMAT=$($PY -c "import json, sys; print('chat' if json.load(open(sys.argv[1])).get('chat') else 'qa')" \
+  "$TEACHER/tokenizer_mtp.json" 2>/dev/null || echo chat)
+bench gsm8k 360 --limit $N_BENCH --batch $N_BENCH --max-new $NEW_BENCH --dtype fp32 \
+  --engine eager --static 1 --taus 0.9,0.95 --teacher "$TEACHER"
+
+# -----------------------------------------------------------------------------
+# 2./3. Speed on the student: batch 1 and 16 sequences at once (CUDA graphs on the GPU)
+
+SPEED="--max-new $NEW_SPEED --dtype $DTYPE --engine $GRAPHS --static 1 --taus 0.9"
+step "2. batch 1, $N_B1 problems, $DTYPE, engine $GRAPHS: speedup over static k=1 / tokens per pass"
+bench b1 240 --limit $N_B1 --batch 1 $SPEED
+step "3. 16 sequences at once, $N_B16 problems, $DTYPE, engine $GRAPHS: tokens/s over static k=1's"
+bench b16 180 --limit $N_B16 --batch 16 $SPEED
+
+# -----------------------------------------------------------------------------
+# 4. Batch-1 static k=1 against transformers generate (same weights, prompt and dtype)
+
+step "4. batch-1 static k=1 against transformers generate, $DTYPE, $NEW_DECODE tokens"
+DECODE=(--ckpt "$TEACHER" --device $DEV --dtype $DTYPE --max-new $NEW_DECODE --repeats $REPEATS)
+run 120 decode $PY -m tools.bench_decode "${DECODE[@]}" --engines eager,$GRAPHS --out "$OUT/decode.json"
+tables "$OUT/decode.log"
+if [ $TINY = 1 ]; then
+  skip decode_compile "torch.compile is measured on the GPU"
+else
+  run 240 decode_compile $PY -m tools.bench_decode "${DECODE[@]}" --engines compile \
+    --out "$OUT/decode_compile.json"
+  tables "$OUT/decode_compile.log"
+fi
+
+# -----------------------------------------------------------------------------
+# 5. The training step: MTP against plain next-token, k drawn, then compiled
+
+step "5. the training step, k drawn, every packed length warmed up before timing; then compiled"
+TRAIN=(--init "$TEACHER" --data "$TRAIN_DATA" $TRAIN_SIZES --steps $TRAIN_STEPS --device $DEV)
+# the batch set is --steps batches, each of its own packed length: as many warm-up steps see
+# every length once. bench_train prints its JSON line last: that line is the step's JSON file
+run 120 train $PY -m tools.bench_train "${TRAIN[@]}" --warmup-steps $TRAIN_STEPS &&
+  tail -n 1 "$OUT/train.log" > "$OUT/train.json"
+tables "$OUT/train.log"
+if [ $TINY = 1 ]; then
+  skip train_compile "torch.compile is measured on the GPU"
+else
+  # compiled, the warm-up is one pass over the batch set + 2 (bench_train's default)
+  run 300 train_compile $PY -m tools.bench_train "${TRAIN[@]}" --compile &&
+    tail -n 1 "$OUT/train_compile.log" > "$OUT/train_compile.json"
+  tables "$OUT/train_compile.log"
+fi
+
+# -----------------------------------------------------------------------------
+# 6. Optional: steps 2 and 3 when sampling at temperature 0.7 (verified sampling)
+
+step "6. (optional) steps 2 and 3 at temperature 0.7"
+if $PY bench.py --help | grep -q -- --temperature; then
+  bench b1_t07 150 --limit $N_B1 --batch 1 $SPEED --temperature 0.7
+  bench b16_t07 150 --limit $N_B16 --batch 16 $SPEED --temperature 0.7
+else
+  skip temperature "bench.py has no --temperature"
+fi
+
+# -----------------------------------------------------------------------------
+# Summary
+
+step "summary ($(( ($(date +%s) - T0) / 60 )) min $(( ($(date +%s) - T0) % 60 )) s in all)"
+printf '%s\n' "${ENDED[@]}"
+echo
+$PY -m tools.gpu_summary "$OUT"
+echo "tables and logs: $OUT"
