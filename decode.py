@@ -743,6 +743,18 @@ def median_tokens_per_s(fn, repeats):
     return statistics.median(fn()["tokens_per_s"] for _ in range(repeats))
 
 
+def add_sampling_args(p, seed_help):
+    """--temperature, --top-k, --top-p and --seed (decode.py's and bench.py's)."""
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy; above 0 every candidate is sampled (verified: the output is "
+                        "distributed exactly as static k=1 sampling's)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of most likely tokens holding this mass")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Multi-token decoding from an MTP checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint directory (HF layout + tokenizer)")
@@ -757,14 +769,7 @@ def parse_args(argv=None):
     p.add_argument("--lean", action="store_true",
                    help="read as many candidates per pass as recent passes accepted, not k_max")
     p.add_argument("--max-new", type=int, default=256, help="most new tokens")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0: greedy; above 0 every candidate is sampled (with --verify the output "
-                        "is distributed exactly as k=1 sampling's)")
-    p.add_argument("--top-k", type=int, default=0,
-                   help="sample from the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="sample from the smallest set of most likely tokens holding this mass")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same output)")
+    add_sampling_args(p, "sampling seed (same seed, same output)")
     p.add_argument("--format", choices=["auto", "qa", "chat", "raw"], default="auto",
                    help="auto: the tokenizer's chat format if it has one, else 'Q: ...\\nA:'")
     p.add_argument("--device", default="auto", help="auto (the GPU if there is one) | cpu | cuda")
