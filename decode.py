@@ -280,7 +280,7 @@ def generate(model, prompt_ids, max_new_tokens=256, static_k=None, tau=None, k_m
         logits = model(idx, cache=cache, out_idx=out_idx)[0]     # (pending + 1 + masks, V)
         if mtp is not None:
             logits[:, mtp] = -torch.inf                          # <MTP> is never an output
-        u = pass_uniforms(gen, pending, n) if gen else None
+        u = pass_uniforms(gen, pending, n).to(model.device) if gen else None
         conf, cand, probs = readout(logits, temperature, top_k, top_p,
                                     None if u is None else u[:-1])
         guess = cand[:pending].tolist()           # greedy: the model's own token at each one

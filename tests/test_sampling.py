@@ -125,7 +125,7 @@ PROMPTS = [[59, 15, 1], [58, 30, 41, 27, 18, 40, 33], [53, 18, 5, 40, 45, 51, 43
 
 def test_seeds_reproduce_and_rows_are_independent():
     """The same seed gives the same output; a row of a batch is that prompt decoded alone with
-    row_seed(seed, b), whatever the other rows; generate is row 0."""
+    row_seed(seed, b), whatever the other rows; generate is row 0; any engine draws the same."""
     m = mtp_model()
     kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.9)
     for rule in ({"static_k": 1}, {"static_k": 3, "verify": True},
@@ -141,6 +141,8 @@ def test_seeds_reproduce_and_rows_are_independent():
         assert others[0] == outs[2]
         if "lean" not in rule:              # generate has no lean reads
             assert generate(m, PROMPTS[0], seed=7, **kw, **rule)[0] == outs[0]
+        # the CUDA-graph engine's static cache layout, uncaptured: the same draws
+        assert generate_batch(m, PROMPTS, seed=7, engine="static", **kw, **rule)[0] == outs
 
 
 def test_sampling_errors():
