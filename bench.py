@@ -5,6 +5,7 @@ Accuracy vs acceleration vs wall clock for every decoding strategy (the paper's 
     python bench.py --ckpt runs/smol/ckpt --data gsm8k --limit 200 --teacher checkpoints/smollm2-135m-instruct
     python bench.py --ckpt DIR --device cuda --static 1,2,3 --taus 0.9,0.8
     python bench.py --ckpt DIR --device cuda --batch 16      # 16 problems per forward pass
+    python bench.py --ckpt DIR --temperature 0.7 --samples 4 --static 1 --taus 0.9
 
 For each strategy (the step-0 checkpoint at k=1 if --baseline is given, static k, ConfAdapt tau):
 accuracy (flexible and strict extraction, each with its standard error), effective k (tokens
@@ -14,6 +15,11 @@ same checkpoint in the same process, and the mean per-token NLL of the outputs u
 a teacher checkpoint (the paper's validation metric; useful where accuracy is near zero).
 With --batch N every strategy, static k=1 included, decodes N problems per forward pass
 (decode.generate_batch): tokens/s and ms/pass are then those of the batch.
+With --temperature T > 0 every strategy samples (--top-k, --top-p), --samples S outputs per
+problem, output s of problem i drawing from row_seed(--seed, i, s) whatever --batch is;
+accuracy is the mean over a problem's samples, then over problems, with its standard error,
+and a last column gives each row's accuracy minus static k=1's, paired per problem (verified
+rows: distributed as k=1 sampling, so within noise of 0). Fidelity is then not reported.
 Writes OUT.md (table), OUT.json, and OUT.png (accuracy against tokens per pass) when matplotlib
 is installed.
 """
@@ -30,8 +36,8 @@ import torch
 
 from data import (TokenizerError, extract_flexible, extract_strict, gold_answer, gsm8k,
                   load_dataset, load_tokenizer, plain_prompt, same_number)
-from decode import (DecodeError, PassTimer, check_request, generate_batch, load_for_decoding,
-                    make_engine, resolve_device)
+from decode import (DecodeError, PassTimer, add_sampling_args, check_request, generate_batch,
+                    load_for_decoding, make_engine, resolve_device, row_seed)
 from model import CheckpointError
 
 # -----------------------------------------------------------------------------
@@ -129,31 +135,52 @@ def fidelity(outputs, reference):
             "first_diff": statistics.mean(differ) if differ else None}
 
 
+def sampling_of(args):
+    """generate_batch's sampling arguments for the options (none: greedy)."""
+    if not args.temperature:
+        return {}
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+
+
+def per_problem(xs, samples):
+    """Each problem's mean over its `samples` consecutive outputs."""
+    return [statistics.mean(xs[i:i + samples]) for i in range(0, len(xs), samples)]
+
+
+def decode_items(model, tok, batch, prompts, rule, args, engines, timer):
+    """generate_batch on one batch of (problem index, sample index, problem): each output draws
+    from row_seed(--seed, problem, sample), so a problem's samples do not depend on --batch."""
+    key = (id(model), len(prompts))           # one engine (cache, CUDA graphs) per shape
+    if key not in engines:
+        engines[key] = make_engine(model, len(prompts), args.engine, args.capacity)
+    stop_fn = (lambda ids: "Q:" in tok.decode(ids[-8:])) if args.format == "fewshot" else None
+    return generate_batch(model, prompts, max_new_tokens=args.max_new, stop_ids=tok.stop_ids,
+                          stop_fn=stop_fn, timer=timer, engine=engines[key],
+                          seed=[row_seed(args.seed, i, s) for i, s, _ in batch],
+                          **sampling_of(args), **rule)
+
+
 def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, progress, engines,
                  scored):
+    """One strategy on every problem, --samples outputs each: accuracy (the mean over a
+    problem's samples, then over problems, with its standard error), speed, teacher NLL."""
     timer = PassTimer(model.device)
     flex, strict, eff_k, nll, n_tok = [], [], [], 0.0, 0
     tokens, wall_ms, step_ms, steps, setup_ms = 0, 0.0, 0.0, 0, 0.0
-    samples, outputs, confirmed, rejected = [], [], 0, 0
-    stop_fn, judged = None, []
-    if args.format == "fewshot":
-        stop_fn = lambda ids: "Q:" in tok.decode(ids[-8:])
-    for start in range(0, len(problems), args.batch):
-        batch = problems[start:start + args.batch]
-        prompts = [prompter(row["question"]) for row in batch]
-        key = (id(model), len(prompts))           # one engine (cache, CUDA graphs) per shape
-        if key not in engines:
-            engines[key] = make_engine(model, len(prompts), args.engine, args.capacity)
-        outs, st = generate_batch(model, prompts, max_new_tokens=args.max_new,
-                                  stop_ids=tok.stop_ids, stop_fn=stop_fn, timer=timer,
-                                  engine=engines[key], **rule)
+    samples, outputs, confirmed, rejected, judged = [], [], 0, 0, []
+    items = [(i, s, row) for i, row in enumerate(problems) for s in range(args.samples)]
+    for start in range(0, len(items), args.batch):
+        batch = items[start:start + args.batch]
+        prompts = [prompter(row["question"]) for _, _, row in batch]
+        outs, st = decode_items(model, tok, batch, prompts, rule, args, engines, timer)
         outputs += outs
         tokens += st["tokens"]
         wall_ms += st["wall_ms"]                # less CUDA-graph captures (setup_ms)
         setup_ms += st["setup_ms"]
         step_ms += sum(st["ms"][1:])           # decoding passes; the first one is the prefill
         steps += len(st["ms"]) - 1
-        for i, (row, ids, out, rs) in enumerate(zip(batch, prompts, outs, st["rows"]), start):
+        for j, ((_, _, row), ids, out, rs) in enumerate(zip(batch, prompts, outs, st["rows"]),
+                                                         start):
             text = cut_answer(tok.decode(out))
             gold = gold_answer(row["answer"])
             flex.append(float(same_number(extract_flexible(text), gold)))
@@ -162,15 +189,15 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
             confirmed, rejected = confirmed + rs["confirmed"], rejected + rs["rejected"]
             if teacher is not None:      # the output as scored: cut where the answer ends
                 judged.append((ids, tok.encode(text) if text != tok.decode(out) else out))
-            if i < 3:
+            if j < 3:
                 samples.append(text)
-            progress(i + 1)
+            progress(j + 1)
     if teacher is not None:
         for total, n in teacher_nlls(teacher, judged, scored):
             nll, n_tok = nll + total, n_tok + n
     wall_s = wall_ms / 1000
-    acc, acc_se = mean_se(flex)
-    sacc, sacc_se = mean_se(strict)
+    acc, acc_se = mean_se(per_problem(flex, args.samples))
+    sacc, sacc_se = mean_se(per_problem(strict, args.samples))
     return {"strategy": name, "n": len(problems), "acc": acc, "acc_se": acc_se, "strict": sacc,
             "strict_se": sacc_se, "eff_k": statistics.mean(eff_k),
             "eff_k_std": statistics.pstdev(eff_k), "tokens": tokens, "decode_s": wall_s,
@@ -178,27 +205,34 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
             "capture_s": setup_ms / 1000,
             "teacher_nll": nll / n_tok if n_tok else None, "samples": samples,
             "confirmed": confirmed, "rejected": rejected, "outputs": outputs,
-            "correct": [int(c) for c in flex]}        # per problem, in order: which ones flip
+            "correct": [int(c) for c in flex]}    # per output, a problem's samples together
 
 
 # -----------------------------------------------------------------------------
 # Output: markdown table, JSON, Pareto plot
 
 
-def table(results, header):
+def table(results, header, sampled=False):
+    """The markdown table; sampled: one more column, the accuracy's difference from static k=1
+    (paired per problem). The fidelity columns are for greedy decoding: '-' when sampled."""
     lines = [header, "",
              "| strategy | accuracy (flex) | strict | effective k | ms/pass | tokens/s | "
-             "wall-clock speedup | teacher NLL | same as k=1 | first diff |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "wall-clock speedup | teacher NLL | same as k=1 | first diff |"
+             + (" accuracy - k=1 (paired) |" if sampled else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+             + (" --- |" if sampled else "")]
     for r in results:
         nll = f"{r['teacher_nll']:.3f}" if r.get("teacher_nll") is not None else "-"
         same = f"{100 * r['same_as_k1']:.1f}%" if r.get("same_as_k1") is not None else "-"
         diff = f"{r['first_diff']:.1f}" if r.get("first_diff") is not None else "-"
+        paired = f"{100 * r['acc_diff']:+.1f} ± {100 * r['acc_diff_se']:.1f} |" \
+            if r.get("acc_diff") is not None else "- |"
         lines.append(f"| {r['strategy']} | {100 * r['acc']:.1f} ± {100 * r['acc_se']:.1f} | "
                      f"{100 * r['strict']:.1f} ± {100 * r['strict_se']:.1f} | "
                      f"{r['eff_k']:.2f} ± {r['eff_k_std']:.2f} | {r['ms_per_pass']:.2f} | "
                      f"{r['tokens_per_s']:.1f} | "
-                     f"{r['speedup']:.2f}x | {nll} | {same} | {diff} |")
+                     f"{r['speedup']:.2f}x | {nll} | {same} | {diff} |"
+                     + (f" {paired}" if sampled else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -225,17 +259,28 @@ def pareto_plot(results, path):
     print(f"wrote {path}")
 
 
+def paired_difference(correct, reference, samples):
+    """Accuracy minus a reference's, with its standard error, paired per problem: the mean over
+    problems of (a problem's mean over its samples - the reference's on the same problem)."""
+    return mean_se([a - b for a, b in zip(per_problem(correct, samples),
+                                          per_problem(reference, samples), strict=True)])
+
+
 def write_results(results, strategies, model, header, args, out):
-    """Speedups and fidelity against static k=1, then OUT.md and OUT.json; returns the table.
+    """Speedups and, against static k=1, fidelity (greedy: the same tokens?) or the accuracy
+    difference (sampling: the same distribution?), then OUT.md and OUT.json; returns the table.
     Nothing until static k=1 is done (only the --baseline row runs before it)."""
     k1 = next((r for r in results if r["strategy"] == "static k=1"), None)
     if k1 is None:
         return None
     for r, (_, m, _) in zip(results, strategies):
         r["speedup"] = r["tokens_per_s"] / k1["tokens_per_s"]
-        if m is model:                  # fidelity: against the same model's own k=1 output
+        if m is model and not args.temperature:   # against the same model's own k=1 output
             r.update(fidelity(r["outputs"], k1["outputs"]))
-    md = table(results, header)
+        elif m is model and r is not k1:
+            r["acc_diff"], r["acc_diff_se"] = paired_difference(r["correct"], k1["correct"],
+                                                                args.samples)
+    md = table(results, header, sampled=bool(args.temperature))
     with open(out + ".md", "w") as f:
         f.write(md)
     with open(out + ".json", "w") as f:
@@ -275,6 +320,9 @@ def parse_args(argv=None):
                         "near-tie tokens can flip; verified rows then only warn when they differ)")
     p.add_argument("--engine", default="eager",
                    help="eager | graphs (CUDA graphs) | compile (torch.compile + CUDA graphs)")
+    add_sampling_args(p, "sampling seed: output s of problem i draws from row_seed(seed, i, s)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="outputs per problem when sampling; accuracy is their mean")
     p.add_argument("--out", default=None, help="output prefix (default: bench_<data> in the ckpt's parent)")
     return p.parse_args(argv)
 
@@ -308,8 +356,12 @@ def strategies_for(a, model, baseline):
 def size_run(a, model, strategies, problems, prompter):
     """Check every strategy now (bad settings fail before an hour of decoding) and set
     a.max_new and a.capacity (the static cache of --engine graphs) from the longest prompt."""
+    if a.samples < 1 or (a.samples > 1 and not a.temperature):
+        raise DecodeError("--samples must be >= 1, and above 1 only with --temperature > 0 "
+                          "(greedy decoding gives the same output every time)")
     for name, m, rule in strategies:
-        check_request(m, [0], rule.get("static_k"), rule.get("tau"), rule.get("k_max"))
+        check_request(m, [0], rule.get("static_k"), rule.get("tau"), rule.get("k_max"),
+                      **sampling_of(a))
     longest = max(len(prompter(row["question"])) for row in problems)
     context = min(m.cfg.max_seq_len for _, m, _ in strategies)
     if a.max_new is None:
@@ -370,11 +422,17 @@ def report(results, md, a, device, out):
     pareto_plot(results, out + ".png")
     best = max((r for r in results if r["strategy"].startswith("ConfAdapt")),
                key=lambda r: r["eff_k"], default=None)
-    print(json.dumps({"bench": a.data, "n": results[0]["n"], "device": device, "batch": a.batch,
-                      "results": {r["strategy"]: [round(r["acc"], 4), round(r["eff_k"], 3),
-                                                  round(r["speedup"], 3)] for r in results},
-                      "max_confadapt_eff_k": best and round(best["eff_k"], 3)}))
-    broken = [r for r in results if r["strategy"].startswith("verified") and r["same_as_k1"] < 1]
+    line = {"bench": a.data, "n": results[0]["n"], "device": device, "batch": a.batch,
+            "results": {r["strategy"]: [round(r["acc"], 4), round(r["eff_k"], 3),
+                                        round(r["speedup"], 3)] for r in results},
+            "max_confadapt_eff_k": best and round(best["eff_k"], 3)}
+    if a.temperature:
+        line["sampling"] = {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p,
+                            "seed": a.seed, "samples": a.samples}
+    print(json.dumps(line))
+    # fidelity is a greedy check: sampled outputs differ, only their distribution is k=1's
+    broken = [r for r in results if r["strategy"].startswith("verified")
+              and r.get("same_as_k1", 1) < 1]
     for r in broken:
         n = round((1 - r["same_as_k1"]) * r["n"])
         line = (f"{r['strategy']}: {n} of {r['n']} outputs differ from static k=1 (first at token "
@@ -394,7 +452,9 @@ def main(argv=None):
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else \
         f"CPU ({torch.get_num_threads()} threads)"
     header = (f"{a.data}, {len(problems)} problems, format {a.format}, checkpoint {a.ckpt}, "
-              f"device {device}, {a.dtype}, engine {a.engine}, batch {a.batch}, greedy")
+              f"device {device}, {a.dtype}, engine {a.engine}, batch {a.batch}, " + (
+                  f"temperature {a.temperature}, top-k {a.top_k}, top-p {a.top_p}, seed {a.seed}, "
+                  f"{a.samples} samples per problem" if a.temperature else "greedy"))
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), f"bench_{os.path.basename(a.data)}")
 
     # warm-up, discarded: the first passes pay for allocation, kernel selection and (--engine
@@ -403,7 +463,8 @@ def main(argv=None):
     engines = {(id(model), len(first)): make_engine(model, len(first), a.engine, a.capacity)}
     generate_batch(model, first, max_new_tokens=16, static_k=1, engine=engines[(id(model), len(first))])
 
-    progress = progress_printer(len(strategies) * len(problems), len(problems))
+    n = len(problems) * a.samples              # outputs per strategy
+    progress = progress_printer(len(strategies) * n, n)
     results, scored = [], {}                  # scored: the teacher's NLL of each output, once
     for s, (name, m, rule) in enumerate(strategies):
         results.append(run_strategy(name, m, tok, problems, prompter, rule, a, teacher,

@@ -4,6 +4,7 @@ Multi-token decoding from an MTP checkpoint with a KV cache (docs/METHOD.md, "In
     python decode.py --ckpt runs/mtp-synth/ckpt --prompt "Ava has 12 apples. ..." --tau 0.9 --viz
     python decode.py --ckpt DIR --prompt "..." --static-k 3
     python decode.py --ckpt DIR --prompt "..." --tau 0.9 --verify      # output == static k=1
+    python decode.py --ckpt DIR --prompt "..." --tau 0.9 --verify --temperature 0.7 --top-p 0.9
     python decode.py --ckpt DIR --prompt "..." --device cuda --dtype bf16 --engine graphs
 
 Each pass feeds the newly accepted tokens plus k_max-1 <MTP> tokens, reads k_max candidates from
@@ -13,10 +14,14 @@ the next pass, so after every pass the cache holds real tokens only. `generate` 
 prompt in one short loop (read it first); `generate_batch` decodes several prompts in one forward
 per pass, and is tested equal to it. With --verify the tokens accepted from <MTP> slots are
 provisional until the next pass confirms them (docs/METHOD.md, "Verified mode"); --lean reads
-fewer candidates where few are accepted. On a GPU, --engine graphs replays each pass from a CUDA
-graph over a static cache (fast/cuda_graphs.py).
+fewer candidates where few are accepted. --temperature (with --top-k, --top-p, --seed) samples
+every candidate from its slot's processed distribution instead of taking the argmax; verified,
+the output is then distributed exactly as one-token-at-a-time sampling's (docs/METHOD.md,
+"Sampling"). On a GPU, --engine graphs replays each pass from a CUDA graph over a static cache
+(fast/cuda_graphs.py).
 """
 import argparse
+import hashlib
 import html
 import statistics
 import sys
@@ -44,18 +49,146 @@ def accept_static(conf, k):
 
 def accept_confadapt(conf, tau):
     """ConfAdapt(tau): the longest leading run of candidates whose top-1 probability is > tau,
-    and at least one (the first candidate is an ordinary next-token prediction)."""
+    and at least one (the first candidate is an ordinary next-token prediction).
+
+    The confidence (readout) is the top-1 probability of the slot's distribution: of the softmax
+    when greedy (temperature 0, as ever), of the processed distribution when sampling, never
+    the sampled token's own probability. Under verification that matters: whether a slot's
+    draft is proposed must not depend on which token was drawn there, or the proposed token is
+    no longer distributed as q and the ratio test is biased (q = (0.8, 0.2), p = (0.5, 0.5),
+    tau = 0.5: proposing only a likely draw commits token 0 with probability 0.6, not 0.5). The
+    top-1 probability is known before the draw, and says how peaked the slot is: how likely its
+    draws, and the drafts behind them, are to be the ones the next pass would make."""
     run = (conf > tau).long().cumprod(-1).sum(-1)
     return run.clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# Sampling: the processed distribution, the draw, and the check of a sampled draft
+# (docs/METHOD.md, "Sampling"). Every random number is a uniform from a row's own CPU generator
+
+
+def process(logits, temperature, top_k=0, top_p=1.0, mtp=None):
+    """The distribution a candidate is drawn from: logits (..., V) divided by the temperature,
+    cut to the top_k most likely tokens (0: no cut; ties at the k-th are kept), softmax, cut to
+    the smallest set of most likely tokens holding probability top_p (1: no cut), renormalised.
+    Returns fp32 probabilities (..., V). <MTP> (id mtp, when given; the decoders have set its
+    logit to -inf already) is never an output. temperature 0 is greedy: one-hot at the argmax,
+    the limit as the temperature goes to 0 (with it verify_sampled is greedy verification)."""
+    logits = logits.float()
+    if mtp is not None:
+        logits = logits.index_fill(-1, torch.tensor([mtp], device=logits.device), -torch.inf)
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = logits.topk(top_k, -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    probs = logits.softmax(-1)
+    if top_p < 1.0:
+        ranked, order = probs.sort(dim=-1, descending=True, stable=True)
+        before = ranked.cumsum(-1) - ranked              # the mass of the more likely tokens
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before >= top_p)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def draw(probs, u):
+    """Inverse-CDF draw: the token whose interval of the cumulative distribution holds u.
+    probs (..., V), non-negative, need not sum to 1; u (...) uniforms in [0, 1). The same u
+    draws the same token on any device (up to the rounding of probs); a token of probability
+    0 is never drawn."""
+    c = probs.double().cumsum(-1)                                     # (..., V)
+    v = (u.to(c.device, torch.float64) * c[..., -1])[..., None].contiguous()
+    i = torch.searchsorted(c, v, right=True)[..., 0]
+    last = ((probs > 0) * torch.arange(probs.size(-1), device=probs.device)).amax(-1)
+    return torch.minimum(i, last)                     # u * total rounded up to the total
+
+
+def verify_sampled(x, q, p, u, u_fix, n):
+    """Speculative sampling's check of provisional tokens, with the model as its own draft.
+
+    x (..., m), m >= 1: provisional tokens, right-aligned: the last n (...) of the m columns are
+    real, the columns before them padding; q (..., m, V): the processed distribution each was drawn
+    from (its <MTP> slot's); p (..., m, V): the model's processed next-token distribution at
+    its position, read by the pass that fed it; u (..., m), u_fix (...): uniforms. In order,
+    x_j is confirmed iff u_j q(x_j) < p(x_j) (probability min(1, p/q)); at the first rejection
+    the committed token is drawn from normalise(max(0, p - q)) there, and the rest is dropped.
+    The committed token is then distributed as p whatever q is (Leviathan et al. 2023, Chen
+    et al. 2023), if q is really what x was drawn from. Returns (r (...) confirmed, fix (...)
+    the residual's draw, meaningless where r == n)."""
+    m, V = x.size(-1), p.size(-1)
+    qx, px = q.gather(-1, x[..., None])[..., 0], p.gather(-1, x[..., None])[..., 0]
+    pad = torch.arange(m, device=x.device) < (m - n)[..., None]
+    lead = ((u * qx < px) | pad).long().cumprod(-1).sum(-1)     # padding, then the confirmed run
+    at = lead.clamp(max=m - 1)[..., None]                          # the first rejection's column
+    p_at = p.gather(-2, at[..., None].expand(*at.shape, V))[..., 0, :]           # (..., V)
+    q_at = q.gather(-2, at[..., None].expand(*at.shape, V))[..., 0, :]
+    residual = (p_at - q_at).clamp(min=0)
+    # p and q within rounding of each other can reject with an empty residual: p less x then
+    fallback = p_at.scatter(-1, x.gather(-1, at), 0.0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, fallback)
+    return lead - (m - n), draw(residual, u_fix)
+
+
+def sampled_guesses(drafts, q_src, q_from, p, u, u_fix):
+    """verify_sampled for a batch of rows. drafts: each row's provisional tokens; q_src
+    (B, T, V): the processed distributions of the pass that drew them, row b's from column
+    q_from[b] on; p (B, m, V), u (B, m): the distributions and uniforms for them, right-aligned
+    in m columns; u_fix (B,). Returns per row the model's own tokens at its provisional tokens,
+    what commit_row checks them against: the drafts it confirms, then the residual's draw."""
+    B, m, V = p.shape
+    x = [[0] * (m - len(d)) + d for d in drafts]                             # right-aligned
+    at = [[0] * (m - len(d)) + list(range(f, f + len(d))) for d, f in zip(drafts, q_from)]
+    at = torch.tensor(at, device=p.device)
+    q = q_src.gather(1, at[..., None].expand(B, m, V))                       # (B, m, V)
+    n = torch.tensor([len(d) for d in drafts], device=p.device)
+    r, fix = verify_sampled(torch.tensor(x, device=p.device), q, p, u, u_fix, n)
+    return [d[:rb] + [fb] for d, rb, fb in zip(drafts, r.tolist(), fix.tolist())]
+
+
+def readout(logits, temperature, top_k, top_p, u):
+    """Candidates from a pass's logits (..., V): (conf, cand, probs). Greedy (temperature 0):
+    each slot's argmax and its softmax probability, probs None. Sampling: each drawn from its
+    slot's processed distribution probs (process, draw with the uniforms u (...)), with the top-1
+    probability of that distribution as its confidence (accept_confadapt says why)."""
+    if temperature == 0:
+        conf, cand = logits.float().softmax(-1).max(-1)
+        return conf, cand, None
+    probs = process(logits, temperature, top_k, top_p)
+    return probs.amax(-1), draw(probs, u), probs
+
+
+def row_seed(seed, *index):
+    """The seed of one row's generator: a hash of (seed, index...), so that rows, problems and
+    samples never share a stream, and any row can be run alone: row b of
+    generate_batch(prompts, seed=s) is generate_batch([prompts[b]], seed=[row_seed(s, b)])."""
+    digest = hashlib.blake2b(repr((seed,) + index).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def pass_uniforms(gen, pending, n):
+    """One row's uniforms for a pass: one per logit it reads (its `pending` provisional tokens'
+    ratio tests, then its max(n, 1) candidates), and one for a residual draw. A fixed count
+    per pass, whatever happens, so a row's stream depends on its own passes only."""
+    return torch.rand(pending + max(n, 1) + 1, generator=gen, dtype=torch.float64)
 
 
 # -----------------------------------------------------------------------------
 # One prompt: commit what a pass confirmed and accepted, the loop around it
 
 
-def check_request(model, prompt_ids, static_k, tau, k_max):
+def check_request(model, prompt_ids, static_k, tau, k_max, temperature=0.0, top_k=0, top_p=1.0):
     """Validate a request; returns the number of candidates read per pass."""
     cfg = model.cfg
+    if not 0.0 <= temperature < float("inf"):
+        raise DecodeError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise DecodeError(f"top_k must be >= 0 (0: no cut) and top_p in (0, 1] (1: no cut), got "
+                          f"{top_k} and {top_p}")
+    if temperature == 0 and (top_k or top_p < 1.0):
+        raise DecodeError("top_k and top_p cut a sampled distribution: set a temperature > 0")
     if len(prompt_ids) == 0:
         raise DecodeError("the prompt is empty: give at least one token")
     if len(prompt_ids) >= cfg.max_seq_len:
@@ -112,21 +245,23 @@ def commit_row(new, pending, guess, cands, take, verify, stops):
 
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens=256, static_k=None, tau=None, k_max=None,
-             stop_ids=(), verify=False):
-    """Greedy multi-token generation from one prompt: the whole method in one loop.
+             stop_ids=(), verify=False, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+    """Multi-token generation from one prompt: the whole method in one loop.
 
     static_k: accept exactly k tokens per pass; tau: ConfAdapt(tau) over k_max candidates
-    (k_max from the checkpoint's config, `mtp_k_max`, unless given). verify: tokens accepted
-    from <MTP> slots are provisional until the next pass confirms them (commit_row), so the
-    output is the model's greedy k=1 output. Returns (new token ids, stats): passes, tokens,
-    effective_k, and per pass the committed count (accepted), the candidates' top-1
-    confidences and the cache's length after the pop (cache_lens); confirmed and rejected
-    provisional tokens; stopped (a stop token ended it), context_full.
-    """
-    n_cand = check_request(model, prompt_ids, static_k, tau, k_max)
+    (k_max: the checkpoint's `mtp_k_max` unless given). temperature 0 is greedy; above it each
+    candidate is drawn from its slot's processed distribution (process), with uniforms from a
+    CPU generator seeded by row_seed(seed, 0). verify: tokens accepted from <MTP> slots are
+    provisional until the next pass confirms them (commit_row; sampling, verify_sampled): the
+    output is then the model's own k=1 output (sampling: in distribution). Returns (new token
+    ids, stats): passes, tokens, effective_k, and per pass the committed count (accepted), the
+    candidates' confidences and the cache's length after the pop (cache_lens); confirmed and
+    rejected provisional tokens; stopped (a stop token ended it), context_full."""
+    n_cand = check_request(model, prompt_ids, static_k, tau, k_max, temperature, top_k, top_p)
     if max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     mtp, stops, ctx = model.cfg.mtp_token_id, set(stop_ids), model.cfg.max_seq_len
+    gen = torch.Generator().manual_seed(row_seed(seed, 0)) if temperature else None
     cache, out = KVCache(), []
     new, pending = list(prompt_ids), 0    # tokens to feed; the last `pending` are provisional
     st = {"accepted": [], "confidences": [], "cache_lens": [], "confirmed": 0, "rejected": 0,
@@ -145,12 +280,17 @@ def generate(model, prompt_ids, max_new_tokens=256, static_k=None, tau=None, k_m
         logits = model(idx, cache=cache, out_idx=out_idx)[0]     # (pending + 1 + masks, V)
         if mtp is not None:
             logits[:, mtp] = -torch.inf                          # <MTP> is never an output
-        conf, cand = logits.float().softmax(-1).max(-1)
+        u = pass_uniforms(gen, pending, n).to(model.device) if gen else None
+        conf, cand, probs = readout(logits, temperature, top_k, top_p,
+                                    None if u is None else u[:-1])
+        guess = cand[:pending].tolist()           # greedy: the model's own token at each one
+        if probs is not None and pending:         # sampling: the ratio test, then the residual
+            guess = sampled_guesses([new[w - pending:]], q_src, [q_from], probs[None, :pending],
+                                    u[None, :pending], u[-1:])[0]
         rule = accept_static(conf[pending:], static_k) if static_k is not None \
             else accept_confadapt(conf[pending:], tau)
-        cands = cand[pending:pending + n].tolist()
         r, committed, fresh, proposed, kept = commit_row(
-            new, pending, cand[:pending].tolist(), cands, int(rule), verify, stops)
+            new, pending, guess, cand[pending:pending + n].tolist(), int(rule), verify, stops)
         cache.truncate(len(cache) - w - masks + kept)            # pop: <MTP> slots, rejections
         committed = committed[:max_new_tokens - len(out)]
         out += committed
@@ -161,10 +301,18 @@ def generate(model, prompt_ids, max_new_tokens=256, static_k=None, tau=None, k_m
         st["stopped"] = bool(out) and out[-1] in stops
         if st["stopped"] or len(out) >= max_new_tokens:
             break
+        # sampling: the proposed tokens were drawn from their slots', after the first candidate
+        q_src, q_from = None if probs is None else probs[None], pending + 1
         new, pending = fresh + proposed, len(proposed)
+    return out, finish_stats(st, out)
+
+
+def finish_stats(st, out):
+    """A row's stats with its totals: passes, tokens, effective_k and the histogram of
+    committed counts per pass."""
     passes = len(st["accepted"])
-    return out, {**st, "passes": passes, "tokens": len(out), "effective_k": len(out) / max(1, passes),
-                 "histogram": dict(sorted(Counter(st["accepted"]).items()))}
+    return {**st, "passes": passes, "tokens": len(out), "effective_k": len(out) / max(1, passes),
+            "histogram": dict(sorted(Counter(st["accepted"]).items()))}
 
 
 # -----------------------------------------------------------------------------
@@ -309,14 +457,27 @@ def next_slots(state, take, n_max):
 class Row:
     """One prompt's state in generate_batch: what it feeds next, what it has, its stats."""
 
-    def __init__(self, prompt, n_cand):
+    def __init__(self, prompt, n_cand, gen=None):
         self.new = list(prompt)     # tokens entering the cache next pass; the last `pending` of
         self.pending = 0            # them are provisional (verify), the others committed
+        self.q_from = 0             # sampling: the column of the last pass they were drawn at
+        self.gen = gen              # sampling: the row's CPU generator (its uniforms)
         self.n_real = 0             # real tokens this row has cached
         self.lean = (n_cand, 0, 0)  # candidates this row reads (--lean adapts it: next_slots)
         self.out, self.done = [], False
         self.stats = {"accepted": [], "confidences": [], "cache_lens": [], "confirmed": 0,
                       "rejected": 0, "context_full": False, "stopped": False}
+
+
+def make_rows(prompts, n_cand, temperature, seed):
+    """One Row per prompt; when sampling, each with its own CPU generator, seeded by seed[b]
+    (a list: one seed per prompt) or by row_seed(seed, b) (an int)."""
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else \
+        [row_seed(seed, b) for b in range(len(prompts))]
+    if len(seeds) != len(prompts):
+        raise DecodeError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one per prompt")
+    return [Row(p, n_cand, torch.Generator().manual_seed(s) if temperature else None)
+            for p, s in zip(prompts, seeds)]
 
 
 def plan_reads(rows, n_cand, max_new_tokens, ctx, stops):
@@ -362,21 +523,50 @@ def batched_pass(run, timer, rows, R, masks, cached, mtp, device):
         return run(idx, pos, mask, out_idx), is_new, setup            # (B, R + M, V)
 
 
-def commit_pass(rows, logits, R, reads, rule, verify, lean, n_cand, stops, max_new_tokens, stop_fn):
+def read_batch(rows, logits, R, reads, sampling, q_src):
+    """Every row's candidates from one pass's logits (B, R + M, V), and the model's own tokens
+    at its provisional tokens (what commit_row checks them against): (conf, cand (lists),
+    probs, guesses). Sampling: each row's uniforms (pass_uniforms) sit under the logits it
+    reads (columns R-1-pending on), its residual's in an extra last column; q_src: the last
+    pass's probs, which its provisional tokens were drawn from."""
+    B, T = logits.shape[:2]
+    u = None
+    if sampling[0]:
+        u = [[0.5] * (T + 1) for _ in rows]
+        for b, row in enumerate(rows):
+            if not row.done:
+                ub = pass_uniforms(row.gen, row.pending, reads[b]).tolist()
+                at = R - 1 - row.pending
+                u[b][at:at + len(ub) - 1], u[b][-1] = ub[:-1], ub[-1]
+        u = torch.tensor(u, dtype=torch.float64, device=logits.device)
+    conf, cand, probs = readout(logits, *sampling, None if u is None else u[:, :-1])
+    cand_l = cand.tolist()
+    drafts = [row.new[len(row.new) - row.pending:] for row in rows]
+    if probs is None or R == 1:          # greedy: the model's own token is its argmax
+        return conf, cand_l, probs, [cand_l[b][R - 1 - len(d):R - 1] for b, d in enumerate(drafts)]
+    # sampling: the provisional tokens sit right-aligned in the R-1 columns before the last
+    guesses = sampled_guesses(drafts, q_src, [row.q_from for row in rows], probs[:, :R - 1],
+                              u[:, :R - 1], u[:, -1])
+    return conf, cand_l, probs, guesses
+
+
+def commit_pass(rows, logits, R, reads, rule, verify, lean, n_cand, stops, max_new_tokens, stop_fn,
+                sampling, q_src):
     """Every active row's commit step (commit_row) on this pass's logits (B, R + M, V). Returns
-    how many of each row's new tokens stay in the cache."""
-    conf, cand = logits.float().softmax(-1).max(-1)              # (B, R + M)
+    how many of each row's new tokens stay in the cache, and (sampling) the pass's processed
+    distributions, which the next pass checks the proposed tokens against."""
+    conf, cand_l, probs, guesses = read_batch(rows, logits, R, reads, sampling, q_src)
     # the acceptance rule, on each row's candidates: the prediction at its last new token,
     # then its masks' (columns R-1 on)
     take = rule(conf[:, R - 1:]).tolist()
-    conf_l, cand_l = conf.tolist(), cand.tolist()
+    conf_l = conf.tolist()
     kept = [0] * len(rows)
     for b, row in enumerate(rows):
         if row.done:
             continue
         p, cands, st = row.pending, cand_l[b][R - 1:R - 1 + reads[b]], row.stats
         r, committed, fresh, proposed, kept[b] = commit_row(
-            row.new, p, cand_l[b][R - 1 - p:R - 1], cands, take[b], verify, stops)
+            row.new, p, guesses[b], cands, take[b], verify, stops)
         if lean and r == p and cands:
             row.lean = next_slots(row.lean, min(take[b], len(cands)), n_cand)
         st["confirmed"] += r
@@ -392,20 +582,23 @@ def commit_pass(rows, logits, R, reads, rule, verify, lean, n_cand, stops, max_n
                 or (stop_fn is not None and stop_fn(row.out))):
             row.done, proposed = True, []
         row.new, row.pending = ([], 0) if row.done else (fresh + proposed, len(proposed))
-    return kept
+        row.q_from = R             # the proposed tokens' slots: after the first candidate's
+    return kept, probs
 
 
 @torch.no_grad()
 def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, k_max=None,
                    stop_ids=(), stop_fn=None, timer=None, verify=False, lean=False,
-                   engine="eager"):
+                   engine="eager", temperature=0.0, top_k=0, top_p=1.0, seed=0):
     """generate for several prompts at once: one forward per pass for all of them, each row
     accepting its own number of tokens; a row's output is what generate gives for its prompt.
 
-    The rules, verify and stop_ids are generate's. stop_fn(ids) -> bool ends a row after a pass
-    (e.g. a stop string in the text). lean: each row reads as many candidates as its recent
-    acceptance suggests (next_slots). engine: a make_engine name, or a ready engine object (one
-    per batch shape).
+    The rules, verify, stop_ids and sampling (temperature, top_k, top_p) are generate's. seed:
+    an int (row b's generator is seeded by row_seed(seed, b); row 0 is generate's) or one seed
+    per prompt: a row's output never depends on the other rows. stop_fn(ids) -> bool ends a
+    row after a pass (e.g. a stop string in the text). lean: each row reads as many candidates
+    as its recent acceptance suggests (next_slots). engine: a make_engine name, or a ready
+    engine object (one per batch shape).
 
     Returns (new token ids per prompt, stats): passes (forwards of the batch), tokens (all rows),
     the time of each forward (ms), their sum (forward_ms), the whole call's wall time less the
@@ -419,7 +612,8 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
     # --- setup: the request, the engine, one Row per prompt
     if not prompts:
         raise DecodeError("no prompts: give at least one")
-    n_cand = max(check_request(model, p, static_k, tau, k_max) for p in prompts)  # all the same
+    n_cand = max(check_request(model, p, static_k, tau, k_max, temperature, top_k, top_p)
+                 for p in prompts)                                                   # all the same
     if max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     t_start, setup_s = time.perf_counter(), 0.0        # setup: CUDA-graph captures, left out
@@ -430,7 +624,8 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
         raise DecodeError(f"this engine was made for batches of {run.batch}, not {B}")
     run.reset()
     cached = torch.zeros(B, 0, dtype=torch.bool, device=device)  # (B, L): slot is a real token
-    rows, stops, passes = [Row(p, n_cand) for p in prompts], set(stop_ids), 0
+    rows, stops, passes = make_rows(prompts, n_cand, temperature, seed), set(stop_ids), 0
+    q_src = None                      # sampling: the last pass's processed distributions
     rule = (lambda c: accept_static(c, static_k)) if static_k is not None \
         else (lambda c: accept_confadapt(c, tau))
 
@@ -448,31 +643,36 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
         passes += 1
         if mtp is not None:
             logits[..., mtp] = -torch.inf                # <MTP> is never an output
-        kept = commit_pass(rows, logits, R, reads, rule, verify, lean, n_cand, stops, max_new_tokens,
-                           stop_fn)
-        # pop: the <MTP> slots, and rejected provisional tokens, leave the cache
-        if B == 1:
-            run.cache.truncate(rows[0].n_real)
-        else:
-            W = is_new.size(1)
-            run.cache.truncate(cached.size(1) + W)
-            keep = torch.arange(W, device=device)[None] < torch.tensor(kept, device=device)[:, None]
-            cached = torch.cat([cached, keep], 1)
-
+        kept, q_src = commit_pass(rows, logits, R, reads, rule, verify, lean, n_cand, stops,
+                                  max_new_tokens, stop_fn, (temperature, top_k, top_p), q_src)
+        cached = pop(run.cache, rows, is_new, kept, cached)
     # --- the stats: timings of the whole batch, then each row's
+    return [row.out for row in rows], batch_stats(rows, timer, passes, t_start, setup_s)
+
+
+def pop(cache, rows, is_new, kept, cached):
+    """The pop after a batched pass: the <MTP> slots, and rejected provisional tokens, leave the
+    cache. One row: cut back to its real tokens. Several: cut off the pass's mask slots and
+    mark which kept slots are real tokens; returns the new real-slot flags (B, L)."""
+    if len(rows) == 1:
+        cache.truncate(rows[0].n_real)
+        return cached
+    W, device = is_new.size(1), cached.device
+    cache.truncate(cached.size(1) + W)
+    keep = torch.arange(W, device=device)[None] < torch.tensor(kept, device=device)[:, None]
+    return torch.cat([cached, keep], 1)
+
+
+def batch_stats(rows, timer, passes, t_start, setup_s):
+    """generate_batch's stats: the timings of the whole batch, then each row's."""
     ms = timer.times()[-passes:]   # synchronizes on CUDA; passes >= 1: every prompt has room
     # everything (forwards, softmax, accept) but one-time CUDA-graph captures, which a server
     # makes once per shape, not once per request
     wall = 1000 * (time.perf_counter() - t_start - setup_s)
-    for row in rows:
-        row.stats.update(passes=len(row.stats["accepted"]), tokens=len(row.out),
-                         effective_k=len(row.out) / max(1, len(row.stats["accepted"])),
-                         histogram=dict(sorted(Counter(row.stats["accepted"]).items())))
     tokens = sum(len(row.out) for row in rows)
-    stats = {"passes": passes, "tokens": tokens, "ms": ms, "forward_ms": sum(ms), "wall_ms": wall,
-             "setup_ms": 1000 * setup_s, "tokens_per_s": 1000 * tokens / wall,
-             "rows": [row.stats for row in rows]}
-    return [row.out for row in rows], stats
+    return {"passes": passes, "tokens": tokens, "ms": ms, "forward_ms": sum(ms), "wall_ms": wall,
+            "setup_ms": 1000 * setup_s, "tokens_per_s": 1000 * tokens / wall,
+            "rows": [finish_stats(row.stats, row.out) for row in rows]}
 
 
 
@@ -543,7 +743,19 @@ def median_tokens_per_s(fn, repeats):
     return statistics.median(fn()["tokens_per_s"] for _ in range(repeats))
 
 
-def main(argv=None):
+def add_sampling_args(p, seed_help):
+    """--temperature, --top-k, --top-p and --seed (decode.py's and bench.py's)."""
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy; above 0 every candidate is sampled (verified: the output is "
+                        "distributed exactly as static k=1 sampling's)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of most likely tokens holding this mass")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Multi-token decoding from an MTP checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint directory (HF layout + tokenizer)")
     p.add_argument("--prompt", required=True, help="the question / prompt text")
@@ -557,6 +769,7 @@ def main(argv=None):
     p.add_argument("--lean", action="store_true",
                    help="read as many candidates per pass as recent passes accepted, not k_max")
     p.add_argument("--max-new", type=int, default=256, help="most new tokens")
+    add_sampling_args(p, "sampling seed (same seed, same output)")
     p.add_argument("--format", choices=["auto", "qa", "chat", "raw"], default="auto",
                    help="auto: the tokenizer's chat format if it has one, else 'Q: ...\\nA:'")
     p.add_argument("--device", default="auto", help="auto (the GPU if there is one) | cpu | cuda")
@@ -567,7 +780,11 @@ def main(argv=None):
     p.add_argument("--viz-html", help="write the coloured chunks to this HTML file")
     p.add_argument("--repeats", type=int, default=5, help="runs timed for the speedup (median)")
     p.add_argument("--no-baseline", action="store_true", help="skip the k=1 runs for the speedup")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     try:
         if a.repeats < 1 or a.max_new < 1:
             raise DecodeError("--repeats and --max-new must be >= 1")
@@ -581,7 +798,8 @@ def main(argv=None):
                "raw": tok.encode}[fmt](a.prompt) if a.prompt else []
         rule = {"static_k": a.static_k} if a.static_k is not None \
             else {"tau": 0.9 if a.tau is None else a.tau}
-        kw = dict(max_new_tokens=a.max_new, k_max=a.k_max, stop_ids=tok.stop_ids)
+        kw = dict(max_new_tokens=a.max_new, k_max=a.k_max, stop_ids=tok.stop_ids,
+                  temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
         capacity = min(model.cfg.max_seq_len, len(ids) + a.max_new + 2 * (model.cfg.mtp_k_max or 4))
         engine = lambda: make_engine(model, 1, a.engine, capacity)       # a fresh cache per run
         run = lambda r, **x: decode_one(model, ids, **kw, **r, **x, engine=engine())[1]
@@ -593,7 +811,8 @@ def main(argv=None):
     pieces = chunks(tok, out, st["accepted"])
     print(viz_terminal(pieces) if a.viz else tok.decode(out))
     name = (f"static k={a.static_k}" if a.static_k is not None else f"ConfAdapt tau={rule['tau']}") \
-        + (", verified" if a.verify else "") + (", lean" if a.lean else "")
+        + (", verified" if a.verify else "") + (", lean" if a.lean else "") \
+        + (f", temperature {a.temperature}" if a.temperature else "")
     print(f"\n[{name}] {st['tokens']} tokens in {st['passes']} passes: effective k "
           f"{st['effective_k']:.2f}, histogram {st['histogram']}, {st['forward_ms'] / st['passes']:.1f} "
           f"ms/pass, {st['tokens_per_s']:.1f} tokens/s on {a.device} ({a.dtype}, {a.engine})")

@@ -141,3 +141,39 @@ def test_bench_fails_when_verified_differs(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         tiny_bench(tmp_path, tmp_path / "res")
     assert e.value.code == 2 and "outputs differ from static k=1" in capsys.readouterr().err
+
+
+def test_bench_sampled(tmp_path, capsys):
+    """--temperature: every strategy samples, --samples outputs per problem (accuracy their
+    mean), the same outputs whatever --batch is; a paired difference from k=1 instead of the
+    fidelity columns, and no exit when verified outputs differ from k=1's (they should)."""
+    args = ("--temperature", "0.8", "--top-p", "0.9", "--samples", "2", "--seed", "3")
+    one = tiny_bench(tmp_path, tmp_path / "s1", *args)
+    two = tiny_bench(tmp_path, tmp_path / "s2", *args, "--batch", "3")
+    assert "temperature 0.8, top-k 0, top-p 0.9, seed 3, 2 samples per problem" in one["header"]
+    for r1, r2 in zip(one["results"], two["results"], strict=True):
+        for key in ("strategy", "acc", "acc_se", "eff_k", "tokens", "correct", "confirmed",
+                    "rejected", "acc_diff", "acc_diff_se"):
+            assert r1.get(key) == r2.get(key), key
+    by = {r["strategy"]: r for r in one["results"]}
+    assert all(len(r["correct"]) == 6 and r["n"] == 3 for r in one["results"])
+    assert by["static k=1"]["eff_k"] == 1.0 and "acc_diff" not in by["static k=1"]
+    assert "same_as_k1" not in by["verified static k=3"]
+    assert by["verified static k=3"]["rejected"] > 0
+    assert "acc_diff" in by["verified ConfAdapt tau=0.0"] and "acc_diff" not in by["baseline k=1 (step 0)"]
+    table = open(tmp_path / "s1.md").read().splitlines()
+    assert table[2].endswith("accuracy - k=1 (paired) |") and table[4].endswith("| - | - | - |")
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["sampling"] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9, "seed": 3,
+                                "samples": 2}
+    again = tiny_bench(tmp_path, tmp_path / "s3", "--temperature", "0.8", "--top-p", "0.9",
+                       "--samples", "2", "--seed", "4")
+    assert [r["correct"] for r in again["results"]] != [r["correct"] for r in one["results"]] \
+        or [r["tokens"] for r in again["results"]] != [r["tokens"] for r in one["results"]]
+
+
+def test_bench_samples_need_a_temperature(tmp_path, capsys):
+    from conftest import assert_exits
+    save_tiny_mtp_checkpoint(tmp_path / "ckpt")
+    assert_exits(main, ["--ckpt", str(tmp_path / "ckpt"), "--limit", "2", "--samples", "3"],
+                 "only with --temperature > 0", capsys)

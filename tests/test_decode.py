@@ -1,5 +1,7 @@
 """decode.py: acceptance rules, cache bookkeeping, equivalence with plain greedy decoding, and
 batched decoding against one prompt at a time."""
+import itertools
+
 import pytest
 import torch
 
@@ -358,18 +360,23 @@ def test_generate_equals_generate_batch_of_one(model_type):
     """The one-prompt loop a reader starts with (generate) against generate_batch on a batch of
     one: the same tokens, and pass for pass the same committed counts, confidences, cache
     lengths and verification counts, for every rule, verified or not, with a stop token and
-    with a context that fills up."""
+    with a context that fills up; greedy, and sampling at a fixed seed."""
     m = mtp_model(model_type=model_type)
     prompt = [3, 14, 15, 9, 2, 6]
     free, _ = generate(m, prompt, max_new_tokens=30, static_k=1)
     keys = ("accepted", "confidences", "cache_lens", "confirmed", "rejected", "stopped",
             "context_full", "passes", "tokens", "effective_k")
     cases = [(prompt, 30, ()), (prompt, 30, (free[7],)), (list(range(1, 61)) * 2, 30, ())]
+    sampled = {"temperature": 0.8, "top_k": 30, "top_p": 0.95, "seed": 3}
+    rejected = 0
     for p, n, stops in cases:
         for rule in RULES + [{"static_k": 1}]:
-            for verify in (False, True):
-                a, sa = generate(m, p, max_new_tokens=n, stop_ids=stops, verify=verify, **rule)
-                b, sb = decode_one(m, p, max_new_tokens=n, stop_ids=stops, verify=verify, **rule)
-                assert a == b, (rule, verify, stops)
+            for verify, sampling in itertools.product((False, True), ({}, sampled)):
+                kw = dict(max_new_tokens=n, stop_ids=stops, verify=verify, **rule, **sampling)
+                a, sa = generate(m, p, **kw)
+                b, sb = decode_one(m, p, **kw)
+                assert a == b, (rule, verify, stops, sampling)
                 assert {k: sa[k] for k in keys} == {k: sb[k] for k in keys}, (rule, verify)
+                rejected += sa["rejected"] if sampling else 0
     assert sa["context_full"] and len(a) < 30        # the last case really ran out of context
+    assert rejected > 0                              # sampled drafts were really checked
