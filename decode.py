@@ -253,10 +253,9 @@ def generate(model, prompt_ids, max_new_tokens=256, static_k=None, tau=None, k_m
     candidate is drawn from its slot's processed distribution (process), with uniforms from a
     CPU generator seeded by row_seed(seed, 0). verify: tokens accepted from <MTP> slots are
     provisional until the next pass confirms them (commit_row; sampling, verify_sampled): the
-    output is then the model's own k=1 output (sampling: in distribution). Returns (new token
-    ids, stats): passes, tokens, effective_k, and per pass the committed count (accepted), the
-    candidates' confidences and the cache's length after the pop (cache_lens); confirmed and
-    rejected provisional tokens; stopped (a stop token ended it), context_full."""
+    output is then the model's own k=1 output (sampling: in distribution). Returns (new ids,
+    stats): passes, tokens, effective_k; per pass the committed count (accepted), candidates'
+    confidences, cache length after the pop (cache_lens); confirmed, rejected, stopped, context_full."""
     n_cand = check_request(model, prompt_ids, static_k, tau, k_max, temperature, top_k, top_p)
     if max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -600,13 +599,10 @@ def generate_batch(model, prompts, max_new_tokens=256, static_k=None, tau=None, 
     as its recent acceptance suggests (next_slots). engine: a make_engine name, or a ready
     engine object (one per batch shape).
 
-    Returns (new token ids per prompt, stats): passes (forwards of the batch), tokens (all rows),
-    the time of each forward (ms), their sum (forward_ms), the whole call's wall time less the
-    CUDA-graph captures of new pass shapes (wall_ms, which tokens_per_s uses; the captures:
-    setup_ms), and rows: per prompt generate's stats.
-
-    All rows share one KVCache. A row's shorter input leaves padding slots in it, which the mask
-    hides from everyone: every non-pad slot of a row is a real token of that row. A finished row
+    Returns (new token ids per prompt, stats): passes, tokens (all rows), each forward's ms and
+    their sum (forward_ms), the call's wall time less CUDA-graph captures (wall_ms, which
+    tokens_per_s uses; captures: setup_ms), and rows: per prompt generate's stats. All rows
+    share one KVCache; a shorter row's padding slots are hidden by the mask, and a finished row
     stays in the batch as padding (dropping it would mean slicing every layer's cache).
     """
     # --- setup: the request, the engine, one Row per prompt
