@@ -160,6 +160,23 @@ def test_answer_extraction():
     assert extract_strict("it is 5") is None and extract_flexible("none") is None
 
 
+@pytest.mark.parametrize("content,message", [
+    (b'["a question", "an answer"]\n', "rows.jsonl:1 needs the fields 'question' and 'answer'"),
+    (b'"question answer"\n', "rows.jsonl:1 needs the fields 'question' and 'answer'"),
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": 3, "answer": "#### 3"}\n',
+     "rows.jsonl:2: 'question' must be a string, not int"),
+    (b'{"question": "q", "answer": ["#### 1"]}\n', "rows.jsonl:1: 'answer' must be a string, not list"),
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": "caf\xe9", "answer": "#### 1"}\n',
+     "rows.jsonl:2 is not UTF-8 text"),
+])
+def test_jsonl_rows_are_objects_of_strings_in_utf8(tmp_path, content, message):
+    (tmp_path / "rows.jsonl").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_jsonl(str(tmp_path / "rows.jsonl"))
+    with pytest.raises(DataError, match="does not exist"):
+        read_jsonl(str(tmp_path / "missing.jsonl"))
+
+
 # --- packing: ONE packed forward equals every region run on its own ---
 
 
