@@ -34,10 +34,11 @@ import time
 
 import torch
 
-from data import (TokenizerError, extract_flexible, extract_strict, gold_answer, gsm8k,
-                  load_dataset, load_tokenizer, plain_prompt, same_number)
-from decode import (DecodeError, PassTimer, add_sampling_args, check_request, generate_batch,
-                    load_for_decoding, make_engine, resolve_device, row_seed)
+from data import (DataError, TokenizerError, check_vocab, extract_flexible, extract_strict,
+                  gold_answer, gsm8k, load_dataset, load_tokenizer, plain_prompt, same_number,
+                  same_tokenizer)
+from decode import (DecodeError, PassTimer, add_sampling_args, check_output_path, check_request,
+                    generate_batch, load_for_decoding, make_engine, resolve_device, row_seed)
 from model import CheckpointError
 
 # -----------------------------------------------------------------------------
@@ -281,12 +282,16 @@ def write_results(results, strategies, model, header, args, out):
             r["acc_diff"], r["acc_diff_se"] = paired_difference(r["correct"], k1["correct"],
                                                                 args.samples)
     md = table(results, header, sampled=bool(args.temperature))
-    with open(out + ".md", "w") as f:
-        f.write(md)
-    with open(out + ".json", "w") as f:
-        json.dump({"header": header, "args": vars(args),    # outputs: big, and only for fidelity
-                   "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results]},
-                  f, indent=1)
+    try:
+        with open(out + ".md", "w") as f:
+            f.write(md)
+        with open(out + ".json", "w") as f:
+            json.dump({"header": header, "args": vars(args),    # outputs: big, and only for fidelity
+                       "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results]},
+                      f, indent=1)
+    except OSError as e:                # checked before the work, so: a full disk, a folder gone
+        print(f"error: could not write {out}.md and .json: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
     return md
 
 
@@ -330,8 +335,12 @@ def parse_args(argv=None):
 def strategies_for(a, model, baseline):
     """[(name, model, rule)]: static k (k=1 always: the reference), ConfAdapt, lean and verified
     rows, the step-0 baseline first."""
-    statics = sorted({1} | {int(k) for k in a.static.split(",") if k})
-    taus = [float(t) for t in a.taus.split(",") if t]
+    try:
+        statics = sorted({1} | {int(k) for k in a.static.split(",") if k})
+        taus = [float(t) for t in a.taus.split(",") if t]
+    except ValueError:
+        raise DecodeError(f"--static takes whole numbers and --taus numbers, comma-separated "
+                          f"(got {a.static!r} and {a.taus!r})") from None
     strategies = [(f"static k={k}", model, {"static_k": k}) for k in statics]
     for t in taus:
         rule = {"tau": t, "k_max": a.k_max}
@@ -380,11 +389,24 @@ def size_run(a, model, strategies, problems, prompter):
     a.capacity = longest + grown + 2 * widest
 
 
+def same_tokens_as(path, flag, tok, a):
+    """--teacher and --baseline read and write the token ids of --ckpt's tokenizer: theirs must
+    be the same one (another would score, or decode, other text than the ids say)."""
+    if not same_tokenizer(load_tokenizer(path), tok):
+        raise DecodeError(f"{flag} {path} has another tokenizer than --ckpt {a.ckpt}: its numbers "
+                          "would be about other text; give a checkpoint of the same tokenizer")
+
+
 def load(a):
     """(model, tokenizer, problems, prompter, teacher, baseline, strategies) for the options."""
+    check_output_path(a.out + ".md", "--out")
     a.device = resolve_device(a.device)
     model = load_for_decoding(a.ckpt, a.device, a.dtype)
     tok = load_tokenizer(a.ckpt)
+    check_vocab(tok, model.cfg, a.ckpt)
+    for path, flag in ((a.teacher, "--teacher"), (a.baseline, "--baseline")):
+        if path:
+            same_tokens_as(path, flag, tok, a)
     path = a.data if a.data.endswith(".jsonl") else None
     if a.limit < 1 or a.batch < 1 or (a.max_new is not None and a.max_new < 1):
         raise DecodeError("--limit, --batch and --max-new must be >= 1")
@@ -393,6 +415,9 @@ def load(a):
     prompter = make_prompter(a.format, tok)
     teacher = load_for_decoding(a.teacher, a.device) if a.teacher else None   # fp32: the judge
     baseline = load_for_decoding(a.baseline, a.device, a.dtype) if a.baseline else None
+    for path, m in ((a.teacher, teacher), (a.baseline, baseline)):
+        if m is not None:
+            check_vocab(tok, m.cfg, path)
     strategies = strategies_for(a, model, baseline)
     size_run(a, model, strategies, problems, prompter)
     return model, tok, problems, prompter, teacher, strategies
@@ -444,9 +469,12 @@ def report(results, md, a, device, out):
 
 def main(argv=None):
     a = parse_args(argv)
+    out = a.out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)),
+                                        f"bench_{os.path.basename(a.data)}")
     try:
         model, tok, problems, prompter, teacher, strategies = load(a)
-    except (DecodeError, CheckpointError, TokenizerError, FileNotFoundError, ValueError) as e:
+    except (DecodeError, CheckpointError, TokenizerError, DataError, FileNotFoundError,
+            ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else \
@@ -455,7 +483,6 @@ def main(argv=None):
               f"device {device}, {a.dtype}, engine {a.engine}, batch {a.batch}, " + (
                   f"temperature {a.temperature}, top-k {a.top_k}, top-p {a.top_p}, seed {a.seed}, "
                   f"{a.samples} samples per problem" if a.temperature else "greedy"))
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), f"bench_{os.path.basename(a.data)}")
 
     # warm-up, discarded: the first passes pay for allocation, kernel selection and (--engine
     # graphs) the k=1 pass's capture; its engine is the one the first batch then uses

@@ -206,18 +206,34 @@ GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/g
 
 
 def read_jsonl(path):
+    """Rows of {"question": str, "answer": str}, one JSON object per line of a UTF-8 file."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} does not exist or is not a file: give a .jsonl of "
+                        "question/answer rows")
     rows = []
-    with open(path) as f:
+    with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{n} is not UTF-8 text: save the file as UTF-8") from None
             if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise DataError(f"{path}:{n} is not valid JSON") from None
-                if "question" not in row or "answer" not in row:
-                    raise DataError(f"{path}:{n} needs the fields 'question' and 'answer'")
-                rows.append(row)
+                rows.append(jsonl_row(line, f"{path}:{n}"))
     return rows
+
+
+def jsonl_row(line, where):
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        raise DataError(f"{where} is not valid JSON") from None
+    if not isinstance(row, dict) or "question" not in row or "answer" not in row:
+        raise DataError(f"{where} needs the fields 'question' and 'answer' (a JSON object per line)")
+    for name in ("question", "answer"):
+        if not isinstance(row[name], str):
+            raise DataError(f"{where}: {name!r} must be a string, not {type(row[name]).__name__} "
+                            f"({json.dumps(row[name])[:40]})")
+    return row
 
 
 def gsm8k(split, path=None):
@@ -318,6 +334,23 @@ class Tokenizer:
             json.dump(meta, f, indent=1)
 
 
+def same_tokenizer(a, b):
+    """The same token ids for the same text: ranks, special tokens and split pattern alike."""
+    return (a.enc._mergeable_ranks == b.enc._mergeable_ranks and a.enc._pat_str == b.enc._pat_str
+            and a.enc._special_tokens == b.enc._special_tokens)
+
+
+def check_vocab(tok, cfg, where):
+    """Every id of the tokenizer must be a row of the model's vocabulary (config cfg), below its
+    <MTP> row: another model's tokenizer would index past the embedding, or train on <MTP>."""
+    rows = cfg.vocab_size if cfg.mtp_token_id is None else cfg.mtp_token_id
+    if tok.n_vocab > rows:
+        before = "" if cfg.mtp_token_id is None else " before <MTP>"
+        raise TokenizerError(f"{where}: its tokenizer has ids up to {tok.n_vocab - 1}, but the model "
+                             f"has {rows} token rows{before}: the tokenizer is another model's; put "
+                             "the model's own beside its weights")
+
+
 def read_ranks(path):
     """A tiktoken ranks file: one `base64(token bytes) rank` per line."""
     ranks = {}
@@ -368,13 +401,19 @@ def load_tokenizer(spec):
         raise TokenizerError(f"tokenizer {spec!r}: not 'gpt2', a file, or a checkpoint directory")
     ours = os.path.join(spec, "tokenizer_mtp.json")
     if os.path.isfile(ours):
-        with open(ours) as f:
-            meta = json.load(f)
-        enc = tiktoken.Encoding(meta["name"], pat_str=meta["pattern"],
-                                mergeable_ranks=read_ranks(os.path.join(spec, "tokenizer.tiktoken")),
-                                special_tokens=meta["special_tokens"])
-        return Tokenizer(enc, eos=meta["eos"], stops=meta.get("stops", ()), chat=meta.get("chat"),
-                         bos=meta.get("bos"))
+        try:
+            with open(ours, encoding="utf-8") as f:
+                meta = json.load(f)
+            enc = tiktoken.Encoding(meta["name"], pat_str=meta["pattern"],
+                                    mergeable_ranks=read_ranks(os.path.join(spec, "tokenizer.tiktoken")),
+                                    special_tokens=meta["special_tokens"])
+            return Tokenizer(enc, eos=meta["eos"], stops=meta.get("stops", ()), chat=meta.get("chat"),
+                             bos=meta.get("bos"))
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            if isinstance(e, TokenizerError):
+                raise
+            raise TokenizerError(f"{ours} (with tokenizer.tiktoken) is not a usable tokenizer: "
+                                 f"{e!r}; save it again with Tokenizer.save") from None
     if os.path.isfile(os.path.join(spec, "tokenizer.model")):     # Llama-3's own tiktoken file
         from compat.tokenizers import llama3_tokenizer
         return llama3_tokenizer(os.path.join(spec, "tokenizer.model"))

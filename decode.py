@@ -23,6 +23,7 @@ the output is then distributed exactly as one-token-at-a-time sampling's (docs/M
 import argparse
 import hashlib
 import html
+import os
 import statistics
 import sys
 import time
@@ -30,7 +31,7 @@ from collections import Counter
 
 import torch
 
-from data import TokenizerError, load_tokenizer, plain_prompt
+from data import TokenizerError, check_vocab, load_tokenizer, plain_prompt
 from model import CheckpointError, KVCache, Transformer
 
 
@@ -712,9 +713,22 @@ def resolve_device(name):
     """auto: the GPU when there is one, else the CPU."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise DecodeError(f"--device must be auto, cpu, cuda or cuda:N (got {name!r})")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DecodeError(f"--device {name}: no CUDA device is visible; use --device cpu or auto")
     return name
+
+
+def check_output_path(path, flag):
+    """Before any work: a file can be written at `path` (its folder exists, it is not a folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise DecodeError(f"{flag} {path} is a folder: give a file name in it")
+    if not os.path.isdir(folder):
+        raise DecodeError(f"{flag} {path}: the folder {folder} does not exist: create it first")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise DecodeError(f"{flag} {path} cannot be written (no permission): pick another path")
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -784,9 +798,12 @@ def main(argv=None):
     try:
         if a.repeats < 1 or a.max_new < 1:
             raise DecodeError("--repeats and --max-new must be >= 1")
+        if a.viz_html:
+            check_output_path(a.viz_html, "--viz-html")
         a.device = resolve_device(a.device)
         model = load_for_decoding(a.ckpt, a.device, a.dtype)
         tok = load_tokenizer(a.ckpt)
+        check_vocab(tok, model.cfg, a.ckpt)
         fmt = a.format if a.format != "auto" else ("chat" if tok.chat else "qa")
         if fmt == "chat" and not tok.chat:
             raise DecodeError("this tokenizer has no chat format: use --format qa or raw")
@@ -821,8 +838,12 @@ def main(argv=None):
         print(f"[static k=1] median of {a.repeats} runs each: {base:.1f} tokens/s against "
               f"{ours:.1f}: wall-clock speedup {ours / base:.2f}x")
     if a.viz_html:
-        with open(a.viz_html, "w") as f:
-            f.write(viz_html(pieces, name))
+        try:
+            with open(a.viz_html, "w") as f:
+                f.write(viz_html(pieces, name))
+        except OSError as e:
+            print(f"error: could not write {a.viz_html}: {e.strerror}", file=sys.stderr)
+            sys.exit(2)
         print(f"wrote {a.viz_html}")
 
 

@@ -19,10 +19,14 @@ and args.json. Several processes, FSDP2 and --grad-ckpt live in parallel/, the d
 recipe in synthetic/, the GPU memory plan in tools/plan_memory.py.
 """
 import argparse
+import contextlib
+import errno
 import json
+import math
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass, field, fields, asdict
@@ -31,7 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import DataError, TokenizerError, load_dataset, load_tokenizer, pack, sample_ids, teacher_input
+from data import (DataError, TokenizerError, check_vocab, load_dataset, load_tokenizer, pack,
+                  sample_ids, teacher_input)
 from model import CheckpointError, Config, Transformer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,8 +95,8 @@ class TrainConfig:
                             "bf16 compute and fp32 gradient reduction on CUDA")
     grad_ckpt: bool = arg(False, "activation checkpointing: each student block keeps only its input "
                                  "and recomputes the rest in backward (long sequences, big micro-batches)")
-    plan: bool = arg(False, "print the estimated GPU memory per process for this run (from "
-                            "--init's config.json alone, no weights loaded) and exit")
+    plan: bool = arg(False, "the GPU memory plan is a tool of its own: python -m tools.plan_memory "
+                            "with the same options")
 
 
 def add_config_args(p, only=None):
@@ -117,12 +122,32 @@ class ConfigError(ValueError):
     """Bad command-line input: the message says what and how to fix it."""
 
 
+def option(name):
+    return "--" + name.replace("_", "-")
+
+
 def check_config(cfg):
+    """Every setting in range before anything is loaded. `not 0 <= x` and not `x < 0`: NaN
+    compares false with everything, so only the first refuses it."""
     for name in ("steps", "seq_len", "micro_batch", "step_tokens", "log_every", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
-    if cfg.minutes < 0:
-        raise ConfigError(f"--minutes must be >= 0 (got {cfg.minutes})")
+        if not getattr(cfg, name) >= 1:
+            raise ConfigError(f"{option(name)} must be >= 1 (got {getattr(cfg, name)})")
+    for name in ("warmup", "cooldown", "regions", "threads", "minutes", "weight_decay", "grad_clip",
+                 "lr"):
+        x = getattr(cfg, name)
+        if not 0 <= x < math.inf or (name == "lr" and x == 0):
+            finite = " and finite" if isinstance(x, float) else ""
+            raise ConfigError(f"{option(name)} must be {'> 0' if name == 'lr' else '>= 0'}{finite} "
+                              f"(got {x})")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda (got {cfg.device!r})")
+    if cfg.precision not in ("auto", "fp32"):
+        raise ConfigError(f"--precision must be auto or fp32 (got {cfg.precision!r})")
+    if cfg.plan:
+        raise ConfigError("the memory plan is a tool of its own: python -m tools.plan_memory with "
+                          "the same options (and --nproc, --gpu-mem)")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one")
     if cfg.minutes and cfg.resume:
         raise ConfigError("--minutes plans the length of a new run; a resumed run continues to "
                           "--steps: pass the step count the first run planned (its log says it)")
@@ -130,8 +155,6 @@ def check_config(cfg):
         raise ConfigError(f"--minutes plans the run's length after its first --log-every steps, and "
                           f"--cooldown {cfg.cooldown} would start before that in --steps {cfg.steps}: "
                           "give --steps as a cap well above the cool-down (e.g. 100000)")
-    if cfg.precision not in ("auto", "fp32"):
-        raise ConfigError(f"--precision must be auto or fp32 (got {cfg.precision!r})")
     if cfg.pretrain:
         return
     if cfg.k < 2:
@@ -331,14 +354,32 @@ class Stream:
         return out
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on: the message says why, and what of the run is kept."""
+
+
+def os_problem(e):
+    """An OSError in words, a full disk by name."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ("the disk is full (no space left on device): free some space, then continue with "
+                "--resume")
+    return f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
+
+
 def save_checkpoint(out, student, tok, state):
-    """Write ckpt.tmp/ in full, then swap it in for ckpt/: a kill never leaves a half checkpoint.
+    """Write ckpt.tmp/ in full, then swap it in for ckpt/: a kill never leaves a half checkpoint,
+    nor does a failed write (a full disk), whose ckpt.tmp/ is removed again.
     state: train_state.pt's contents (the optimizer's state, step, data position, RNG states)."""
     tmp, final, old = (os.path.join(out, n) for n in ("ckpt.tmp", "ckpt", "ckpt.old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    tok.save(tmp)
-    torch.save(state, os.path.join(tmp, "train_state.pt"))
+    try:
+        student.save_pretrained(tmp)
+        tok.save(tmp)
+        torch.save(state, os.path.join(tmp, "train_state.pt"))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"saving the checkpoint of step {state['step']} failed, the last one "
+                            f"saved is untouched: {os_problem(e)}") from None
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -363,21 +404,139 @@ def latest_checkpoint(out, required=True):
         raise ConfigError(f"--resume: no checkpoint in {out}/ckpt; start a new run without --resume")
 
 
-def clear_out_dir(cfg, master):
-    """A new run never mixes its checkpoint and log with an earlier run's in the same --out:
-    it refuses (every rank), or with --overwrite the master deletes the old run's files."""
-    ck = latest_checkpoint(cfg.out, required=False)
-    if ck and not cfg.overwrite:
-        step = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu",
-                          weights_only=False)["step"]
-        raise ConfigError(f"{cfg.out} already holds a run (checkpoint at step {step}): continue it "
+def saved_state(ck):
+    """A checkpoint's train_state.pt, memory-mapped: reading its step or args reads little."""
+    return torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False,
+                      mmap=True)
+
+
+# -----------------------------------------------------------------------------
+# The run directory: one run at a time in it, nothing of a run replaced unasked
+
+RUN_FILES = ("ckpt", "ckpt.old", "ckpt.tmp", "log.jsonl", "args.json")    # what a run writes
+
+
+class RunLock:
+    """OUT/lock holds "pid host" of the process whose run uses OUT, while it runs: a second run
+    into OUT is refused, naming the first; the lock of a process that is gone (same host, no such
+    pid: killed) is taken over. Creates OUT, and removes it again if the run left it empty."""
+
+    def __init__(self, out):
+        self.out, self.path, self.made = out, os.path.join(out, "lock"), not os.path.isdir(out)
+        self.me = f"{os.getpid()} {socket.gethostname()}"
+
+    def __enter__(self):
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ConfigError(f"--out {self.out} is a file: give a directory")
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            for _ in range(2):                  # a second try after removing a stale lock
+                try:
+                    with open(self.path, "x") as f:
+                        return f.write(self.me + "\n")
+                except FileExistsError:
+                    self.remove_stale()
+        except OSError as e:
+            raise ConfigError(f"--out {self.out} cannot be written: {os_problem(e)}") from None
+        raise ConfigError(f"{self.path} is taken by another run: try again, or pick another --out")
+
+    def remove_stale(self):
+        with open(self.path) as f:
+            pid, host = (f.read().split() + ["0", ""])[:2]
+        alive = host != socket.gethostname()    # another machine's process: cannot tell, so alive
+        if not alive and pid.isdigit() and int(pid) > 0:
+            try:
+                os.kill(int(pid), 0)
+                alive = True
+            except PermissionError:
+                alive = True
+            except ProcessLookupError:
+                pass
+        if alive:
+            raise ConfigError(f"{self.out} is in use by another run (pid {pid} on {host}): wait for "
+                              "it to end or pick another --out; if that process is gone, delete "
+                              f"{self.path}")
+        os.remove(self.path)
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            with open(self.path) as f:
+                if f.read().strip() == self.me:
+                    os.remove(self.path)
+            if self.made and not os.listdir(self.out):
+                os.rmdir(self.out)
+
+
+def lies_inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_out_dir(cfg):
+    """Before anything is loaded: a new run refuses an --out that holds anything of a run, unless
+    --overwrite (clear_out_dir then replaces it, once everything has loaded), which in turn
+    refuses an --init inside --out; --resume checks its settings against the checkpoint's."""
+    if cfg.resume:
+        return check_resume(cfg)
+    held = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out, name))]
+    if held and not cfg.overwrite:
+        ck = latest_checkpoint(cfg.out, required=False)
+        step = f"; checkpoint at step {saved_state(ck)['step']}" if ck else ""
+        raise ConfigError(f"{cfg.out} already holds a run ({', '.join(held)}{step}): continue it "
                           "with --resume, start over with --overwrite, or pick another --out")
-    if not master:
-        return
-    for name in ("ckpt", "ckpt.old", "ckpt.tmp"):
-        shutil.rmtree(os.path.join(cfg.out, name), ignore_errors=True)
-    if os.path.isfile(os.path.join(cfg.out, "log.jsonl")):
-        os.remove(os.path.join(cfg.out, "log.jsonl"))
+    if cfg.overwrite and cfg.init and os.path.exists(cfg.init) and lies_inside(cfg.init, cfg.out):
+        raise ConfigError(f"--init {cfg.init} lies inside --out {cfg.out}, which --overwrite "
+                          "clears: copy the init elsewhere first, or pick another --out")
+
+
+def clear_out_dir(cfg):
+    """--overwrite: remove the earlier run's files (only once the new run has loaded)."""
+    for name in RUN_FILES:
+        path = os.path.join(cfg.out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+# Settings a resumed run may give anew: how far it runs, how often it logs and saves, where and
+# how fast it computes, and how this command is run. Every other setting defines the run, and
+# --resume refuses a change to it. (--minutes: a resumed run keeps the first run's plan, below.)
+RESUMABLE = {"steps", "log_every", "save_every", "threads", "device", "compile", "attention",
+             "grad_ckpt", "out", "resume", "overwrite", "plan", "minutes"}
+
+
+def same_setting(old, new):
+    """Equal, or two spellings of one existing path."""
+    if old == new:
+        return True
+    paths = isinstance(old, str) and isinstance(new, str) and old and new
+    return bool(paths and os.path.exists(old) and os.path.exists(new) and os.path.samefile(old, new))
+
+
+def check_resume(cfg):
+    """--resume continues a run exactly: every setting that defines it as the checkpoint's (a
+    field missing from an older checkpoint had its default), or an error listing each change."""
+    ck = latest_checkpoint(cfg.out)
+    state = saved_state(ck)
+    saved, fsdp = state["args"], state.get("fsdp", False)
+    del state
+    if fsdp != cfg.fsdp:
+        flag = "with" if fsdp else "without"
+        raise ConfigError(f"{ck} was written {flag} --fsdp (its optimizer state is laid out for "
+                          f"that): resume it {flag} --fsdp")
+    planned = saved.get("planned_steps", saved["steps"])
+    if saved.get("minutes") and (cfg.steps, cfg.cooldown) != (planned, saved["cooldown"]):
+        raise ConfigError(f"{ck} is from a --minutes run planned to {planned} steps with a "
+                          f"{saved['cooldown']}-step cool-down: resume it with --steps {planned} "
+                          f"--cooldown {saved['cooldown']}")
+    old = {**asdict(TrainConfig()), **saved}
+    changed = [f"{option(name)} {old[name]!r} -> {new!r}" for name, new in asdict(cfg).items()
+               if name not in RESUMABLE and not same_setting(old[name], new)]
+    if changed:
+        raise ConfigError(f"{ck} was trained with other settings, and --resume continues a run "
+                          f"exactly: {', '.join(changed)}. Pass the saved ones (args.json), or "
+                          "start a new run (another --out, or --overwrite)")
 
 
 def load_samples(cfg, tok):
@@ -398,10 +557,21 @@ def autocast(device, cfg):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, cfg))
 
 
-def optimizer_update(student, opt, cfg):
-    """The end of every step: clip the gradient norm, AdamW step, zero the gradients."""
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+class Diverged(ArithmeticError):
+    """A step whose loss or gradient norm is not finite (train() says which step)."""
+
+    def __init__(self, loss, norm):
+        super().__init__(f"the loss is {loss:g} and the gradient norm {norm:g}")
+
+
+def optimizer_update(student, opt, cfg, loss=0.0):
+    """The end of every step: clip the gradient norm, AdamW step, zero the gradients. A step
+    whose loss (the step's sum) or gradient norm is not finite raises Diverged before the update."""
+    norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or math.inf)
+    if hasattr(norm, "full_tensor"):    # FSDP: a DTensor of which each rank holds a part
+        norm = norm.full_tensor()
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise Diverged(loss, float(norm))
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -409,6 +579,8 @@ def optimizer_update(student, opt, cfg):
 def setup_processes(cfg):
     """(rank, world, device): one process, or one of torchrun's (parallel/distributed.py)."""
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.fsdp and "RANK" not in os.environ:
@@ -466,6 +638,7 @@ def load_models(cfg, device):
     tok = load_tokenizer(init)
     teacher_dtype = torch.bfloat16 if uses_bf16(device, cfg) else torch.float32
     teacher = Transformer.from_pretrained(init, dtype=teacher_dtype, device=where)
+    check_vocab(tok, teacher.cfg, init)
     teacher = teacher.requires_grad_(False).eval()
     student = Transformer.from_pretrained(init, device=where)
     if student.cfg.mtp_token_id is None:
@@ -477,30 +650,23 @@ def load_models(cfg, device):
     return student, teacher, tok
 
 
-def resume(cfg, rng, stream, device, master):
-    """--resume: (the student from the last checkpoint's weights, its step, its optimizer state);
-    the data position and both RNG states are restored in place. train_state.pt is memory-mapped:
-    under FSDP the ranks share the page cache's one copy of it."""
+def resume(cfg, rng, stream, device, master, tok):
+    """--resume (its settings checked by check_resume): (the student from the last checkpoint's
+    weights, its step, its optimizer state); the data position and both RNG states are restored
+    in place. train_state.pt is read into memory: the next save deletes it, and a memory-mapped
+    copy would keep it on disk for the whole run. Under FSDP every rank maps it (the page cache
+    holds one copy for all) and keeps copies of its own shard only (load_optimizer_state)."""
     ck = latest_checkpoint(cfg.out)
     state = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False,
-                       mmap=True)
-    if state.get("fsdp", False) != cfg.fsdp:
-        flag = "with" if state.get("fsdp", False) else "without"
-        raise ConfigError(f"{ck} was written {flag} --fsdp (its optimizer state is laid out for "
-                          f"that): resume it {flag} --fsdp")
-    saved = state["args"]
-    planned = saved.get("planned_steps", saved["steps"])
-    if saved.get("minutes") and (cfg.steps, cfg.cooldown) != (planned, saved["cooldown"]):
-        raise ConfigError(f"{ck} is from a --minutes run planned to {planned} steps with a "
-                          f"{saved['cooldown']}-step cool-down: resume it with --steps {planned} "
-                          f"--cooldown {saved['cooldown']}")
+                       mmap=cfg.fsdp)
     stream.pos = state["data_pos"]
     rng.setstate(state["rng"])
     torch.set_rng_state(state["torch_rng"])
+    student = Transformer.from_pretrained(ck, device=torch.device("cpu") if cfg.fsdp else device)
+    check_vocab(tok, student.cfg, ck)
     if master:
         print(f"resumed {ck} at step {state['step']}", flush=True)
         truncate_log(os.path.join(cfg.out, "log.jsonl"), state["step"])
-    student = Transformer.from_pretrained(ck, device=torch.device("cpu") if cfg.fsdp else device)
     return student, state["step"], state["optimizer"]
 
 
@@ -529,11 +695,13 @@ def step_batches(cfg, seqs, stream, rng, rank, world, mtp_id, eos_id, device, ac
 def train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, eos_id, device, acc):
     """One optimizer step over the micro-batches: forward/backward each, then clip and AdamW.
     The loss is the mean over ALL of the step's supervised positions (every rank's): it divides
-    by their count, taken before any forward (step_denominators)."""
+    by their count, taken before any forward (step_denominators). A diverged step raises
+    Diverged before it changes any weight."""
     for g in opt.param_groups:
         g["lr"] = lr
     denom, prefix_denom = step_denominators(micro, cfg, world, device)
     amp = autocast(device, cfg)
+    step_loss = 0.0
     for i, batch in enumerate(micro):
         # DDP: all-reduce once, after the last micro-batch; FSDP reduce-scatters each one into
         # the sharded gradients (holding unsharded ones across micro-batches costs memory)
@@ -548,12 +716,13 @@ def train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, eos_id, dev
                     batch.mask = FlexMask(batch.mask)
                 loss, st = mtp_step(student, teacher, batch, cfg, mtp_id, eos_id, denom, prefix_denom)
         loss.backward()
+        step_loss += loss.item()
         acc["loss"] += loss.item()
         acc["tokens"] += float(st["tokens"])
         if "conf" in st:
             for name in ("conf", "agree", "count"):
                 acc[name][:len(st[name])] += st[name].float().cpu()
-    optimizer_update(student, opt, cfg)
+    optimizer_update(student, opt, cfg, step_loss)
     acc["n"] += 1
     acc["lr"] = lr
 
@@ -597,7 +766,7 @@ def write_log(rec, total, eta, log):
         fmt = lambda xs: " ".join("-" if x is None else f"{x:.2f}" for x in xs)
         line += f"\n    conf@j {fmt(rec['conf'])} | agree@j {fmt(rec['agree'])}"
     print(line, flush=True)
-    log.write(json.dumps(rec) + "\n")
+    log.write(json.dumps(rec, allow_nan=False) + "\n")     # bare NaN is not JSON
     log.flush()
 
 
@@ -648,13 +817,10 @@ def save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master):
         log.flush()
 
 
-def train(cfg):
-    # --- setup: processes, models, data, and where a resumed run left off
-    check_config(cfg)
-    rank, world, device = setup_processes(cfg)
-    master = rank == 0
-    if not cfg.resume:
-        clear_out_dir(cfg, master)
+def load_run(cfg, world, device, master):
+    """Models, data and a resumed run's state, all loaded and checked before --out changes (with
+    --overwrite it is cleared only now): (raw student, student and teacher as the loop calls
+    them, tokenizer, samples, optimizer, k/offset rng, data stream, step)."""
     if cfg.attention == "flex" and device.type != "cuda":
         raise ConfigError("--attention flex needs CUDA (FlexAttention has no backward on the CPU); "
                           "use --attention sdpa")
@@ -669,53 +835,82 @@ def train(cfg):
     stream = Stream(len(seqs), cfg.seed)
     step, optim_state = 0, None
     if cfg.resume:
-        student, step, optim_state = resume(cfg, rng, stream, device, master)
+        student, step, optim_state = resume(cfg, rng, stream, device, master, tok)
+    elif cfg.overwrite and master:
+        clear_out_dir(cfg)
     raw = student
     student, teacher = wrap_models(student, teacher, cfg, world, device)
     # after sharding: FSDP2 replaces the parameters with sharded ones, which AdamW must hold
     opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if optim_state is not None:
+    if optim_state is not None:         # the loaded state goes with this function's return
         load_optimizer_state(raw, opt, optim_state, cfg)
+    return raw, student, teacher, tok, seqs, opt, rng, stream, step
+
+
+def diverged(cfg, step, e):
+    """The one line that stops a diverged run: the step, the likely cause, what is kept."""
+    ck = latest_checkpoint(cfg.out, required=False)
+    kept = f"{ck} keeps step {saved_state(ck)['step']}" if ck else "no checkpoint was saved yet"
+    return (f"step {step} diverged: {e}. Most likely the learning rate is too high for this model "
+            f"(--lr {cfg.lr:g}{', no --grad-clip' if not cfg.grad_clip else ''}); {kept}. "
+            "Start over with a lower --lr (--overwrite)")
+
+
+def train(cfg):
+    """A whole run: the settings checked, --out claimed (RunLock) and checked, then run()."""
+    check_config(cfg)
+    with RunLock(cfg.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        check_out_dir(cfg)              # every rank, before they meet: none has written yet
+        rank, world, device = setup_processes(cfg)
+        raw = run(cfg, rank, world, device)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return raw
+
+
+def run(cfg, rank, world, device):
+    """Everything loaded (load_run), then one optimizer step at a time, the log and checkpoints
+    at their intervals."""
+    master = rank == 0
+    raw, student, teacher, tok, seqs, opt, rng, stream, step = load_run(cfg, world, device, master)
     mtp_id = raw.cfg.mtp_token_id
     if not cfg.pretrain:
         raw.cfg.mtp_k_max = cfg.k                     # decode.py reads k_max from the checkpoint
     accum = max(1, cfg.step_tokens // (cfg.micro_batch * world * cfg.seq_len))
     total = cfg.steps                                 # --minutes plans it once, after log_every steps
     if master:
-        os.makedirs(cfg.out, exist_ok=True)
         n_params = sum(p.numel() for p in raw.parameters())
         print(f"{'pretrain' if cfg.pretrain else 'distill'}: {n_params / 1e6:.2f}M params on {device}"
               f" x{world}{' (FSDP)' if cfg.fsdp else ''}, {len(seqs)} samples, {accum} x "
               f"{cfg.micro_batch * world} sequences per step", flush=True)
         write_args(cfg, total)
-    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
-
-    # --- the loop: one optimizer step at a time; the log and checkpoints at their intervals
     acc, t_start, start_step = fresh_stats(cfg.k), time.perf_counter(), step
-    while step < total:
-        micro = step_batches(cfg, seqs, stream, rng, rank, world, mtp_id, tok.eos_id, device, accum)
-        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.cooldown, total)
-        train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, tok.eos_id, device, acc)
-        step += 1
-        if cfg.minutes and step - start_step == cfg.log_every:
-            total = plan_length(cfg, step, time.perf_counter() - t_start, world, device, log)
-        if step % cfg.log_every == 0 or step == total:
-            rec = interval_record(cfg, acc, step, world, device)
-            if master:
-                eta = (time.perf_counter() - t_start) / (step - start_step) * (total - step)
-                write_log(rec, total, eta, log)
-            acc = fresh_stats(cfg.k)
-        if step % cfg.save_every == 0 or step == total:
-            t_save = time.perf_counter()
-            save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master)
-            acc["t0"] += time.perf_counter() - t_save     # step times exclude checkpointing
+    with open(os.path.join(cfg.out, "log.jsonl"), "a") if master else contextlib.nullcontext() as log:
+        while step < total:
+            micro = step_batches(cfg, seqs, stream, rng, rank, world, mtp_id, tok.eos_id, device, accum)
+            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.cooldown, total)
+            try:
+                train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, tok.eos_id, device,
+                           acc)
+            except Diverged as e:
+                raise TrainingError(diverged(cfg, step + 1, e)) from None
+            step += 1
+            if cfg.minutes and step - start_step == cfg.log_every:
+                total = plan_length(cfg, step, time.perf_counter() - t_start, world, device, log)
+            if step % cfg.log_every == 0 or step == total:
+                rec = interval_record(cfg, acc, step, world, device)
+                if master:
+                    eta = (time.perf_counter() - t_start) / (step - start_step) * (total - step)
+                    write_log(rec, total, eta, log)
+                acc = fresh_stats(cfg.k)
+            if step % cfg.save_every == 0 or step == total:
+                t_save = time.perf_counter()
+                save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master)
+                acc["t0"] += time.perf_counter() - t_save     # step times exclude checkpointing
     if master:
-        log.close()
         print(f"done: {step} steps in {time.perf_counter() - t_start:.0f} s; student in "
               f"{os.path.join(cfg.out, 'ckpt')}", flush=True)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
     return raw
 
 
@@ -723,8 +918,12 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         train(cfg)
-    except (ConfigError, CheckpointError, TokenizerError, DataError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, TokenizerError, DataError, TrainingError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:                # a write that failed: a full disk, a folder gone
+        print(f"error: {os_problem(e)}", file=sys.stderr)
         sys.exit(2)
 
 

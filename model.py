@@ -398,9 +398,14 @@ class Transformer(nn.Module):
             raise CheckpointError(f"no config.json in {path}: a checkpoint directory needs "
                                   "config.json and model.safetensors (or a sharded index)")
         try:
-            with open(cfg_file) as f:
-                cfg = Config.from_hf(json.load(f))
-        except (json.JSONDecodeError, KeyError) as e:
+            with open(cfg_file, encoding="utf-8") as f:
+                d = json.load(f)
+            if not isinstance(d, dict):
+                raise CheckpointError(f"{cfg_file} is not a JSON object of config fields")
+            cfg = Config.from_hf(d)
+        except (ValueError, KeyError) as e:     # ValueError: not JSON, not UTF-8
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(f"{cfg_file} is not a usable config: {e!r}") from None
         with torch.device("meta"):
             model = cls(cfg)

@@ -86,8 +86,38 @@ FIXED = {
 }
 
 
+# The type of each field that holds a size, a number or a switch: a string where a number belongs
+# would fail far from here, and "false" for a switch would read as true.
+SIZES = {"vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+         "hidden_size", "head_dim", "intermediate_size", "max_position_embeddings", "n_layer",
+         "n_head", "n_embd", "n_inner", "n_positions", "mtp_k_max"}
+OPTIONAL = {"num_key_value_heads", "head_dim", "n_inner"}          # null: computed from the rest
+NUMBERS = {"rms_norm_eps", "layer_norm_epsilon", "rope_theta"}
+SWITCHES = {"tie_word_embeddings", "attention_bias", "mlp_bias"}
+
+
+def check_types(d):
+    for name, value in d.items():
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if name in SIZES and not (value is None and name in OPTIONAL):
+            ok, want = whole and value >= 1, "a whole number >= 1"
+        elif name == "mtp_token_id":
+            ok, want = whole and value >= 0, "a token id (a whole number >= 0)"
+        elif name in NUMBERS:
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                0 < value < float("inf"), "a finite number > 0"
+        elif name in SWITCHES:
+            ok, want = isinstance(value, bool), "true or false"
+        else:
+            continue
+        if not ok:
+            raise CheckpointError(f"config.json: {name} = {value!r} is not {want}: correct the field")
+
+
 def check_fields(d, mt):
-    """Raise CheckpointError for a config.json field that would change the computation."""
+    """Raise CheckpointError for a config.json field that would change the computation, or that
+    does not have its type."""
+    check_types(d)
     for name, value in d.items():
         if name in FIXED[mt]:
             accepts, supported = FIXED[mt][name]

@@ -104,3 +104,7 @@ def load_sharded_optimizer_state(raw, opt, optim_state):
     """The saved full optimizer state into opt under FSDP: each rank takes its shard of it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(raw, opt, optim_state, options=StateDictOptions(full_state_dict=True))
+    for state in opt.state.values():     # copies: the shards (and the step counts) may still be
+        for name, value in state.items():    # views of the memory-mapped file the next save deletes
+            if torch.is_tensor(value):
+                state[name] = value.clone()

@@ -27,7 +27,7 @@ def build_default_teacher(train, resuming):
     the run directory: the teacher is the plain model, without the optimizer state."""
     print(f"no embedded teacher at {DEFAULT_TEACHER}: building it first "
           f"(python distill.py {' '.join(TEACHER_RECIPE)})", flush=True)
-    train(TEACHER_RECIPE + ["--resume"] * resuming)
+    train(TEACHER_RECIPE + (["--resume"] if resuming else ["--overwrite"]))   # its log and args
     ckpt = os.path.join(DEFAULT_TEACHER, "ckpt")
     for name in os.listdir(ckpt):
         if name != "train_state.pt":

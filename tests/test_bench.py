@@ -177,3 +177,26 @@ def test_bench_samples_need_a_temperature(tmp_path, capsys):
     save_tiny_mtp_checkpoint(tmp_path / "ckpt")
     assert_exits(main, ["--ckpt", str(tmp_path / "ckpt"), "--limit", "2", "--samples", "3"],
                  "only with --temperature > 0", capsys)
+
+
+def test_output_path_tokenizers_and_lists_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out that cannot be written fails before the first strategy (not after it); a --teacher
+    or --baseline of another tokenizer would score or decode other text than the ids say."""
+    import bench
+    from conftest import assert_exits
+    from synthetic.tokenizer import synthetic_tokenizer
+    ckpt, other = tmp_path / "ckpt", tmp_path / "other"
+    save_tiny_mtp_checkpoint(ckpt)
+    Transformer(tiny_config(vocab=512, max_seq_len=256)).save_pretrained(other)
+    synthetic_tokenizer(400).save(other)              # fits the vocabulary, but other ids
+    run = ["--ckpt", str(ckpt), "--limit", "2", "--static", "1", "--taus", "", "--max-new", "4"]
+
+    def no_work(*a, **kw):
+        raise AssertionError("a strategy ran before the output path was checked")
+    monkeypatch.setattr(bench, "run_strategy", no_work)
+    assert_exits(main, run + ["--out", str(tmp_path / "no" / "res")], "the folder", capsys)
+    for flag in ("--teacher", "--baseline"):
+        assert_exits(main, run + [flag, str(other), "--out", str(tmp_path / "res")],
+                     f"{flag} {other} has another tokenizer", capsys)
+    assert_exits(main, run[:4] + ["--static", "1,a", "--out", str(tmp_path / "res")],
+                 "--static takes whole numbers", capsys)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import SHARED, tiny_model
 from data import (DataError, TokenizerError, Tokenizer, extract_flexible, extract_strict, gold_answer,
-                  gpt2_tokenizer, gsm8k, load_dataset, load_tokenizer, pack, read_jsonl, teacher_input)
+                  same_number, gpt2_tokenizer, gsm8k, load_dataset, load_tokenizer, pack, read_jsonl, teacher_input)
 from compat.tokenizers import llama3_tokenizer
 from synthetic.problems import synthetic_problems
 from synthetic.tokenizer import synthetic_tokenizer, train_bpe
@@ -158,6 +158,36 @@ def test_answer_extraction():
     assert extract_strict("blah #### 42") == "42"
     assert extract_strict("The answer is $17.") == "17"
     assert extract_strict("it is 5") is None and extract_flexible("none") is None
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'["a question", "an answer"]\n', "rows.jsonl:1 needs the fields 'question' and 'answer'"),
+    (b'"question answer"\n', "rows.jsonl:1 needs the fields 'question' and 'answer'"),
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": 3, "answer": "#### 3"}\n',
+     "rows.jsonl:2: 'question' must be a string, not int"),
+    (b'{"question": "q", "answer": ["#### 1"]}\n', "rows.jsonl:1: 'answer' must be a string, not list"),
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": "caf\xe9", "answer": "#### 1"}\n',
+     "rows.jsonl:2 is not UTF-8 text"),
+])
+def test_jsonl_rows_are_objects_of_strings_in_utf8(tmp_path, content, message):
+    (tmp_path / "rows.jsonl").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_jsonl(str(tmp_path / "rows.jsonl"))
+    with pytest.raises(DataError, match="does not exist"):
+        read_jsonl(str(tmp_path / "missing.jsonl"))
+
+
+def test_answers_signed_and_comma_grouped():
+    """What the bench reads: a sign, thousands commas and a dollar sign, in every reader."""
+    for written, number in (("-5", "-5"), ("1,234", "1234"), ("$1,234.50", "1234.50"),
+                            ("-1,000", "-1000")):
+        assert extract_flexible(f"In all 3 bags: {written}.") == number
+        assert extract_strict(f"2 + 2 = 4 #### {written}") == number
+        assert extract_strict(f"The answer is {written}.") == number
+        assert gold_answer(f"<<1+1=2>> so\n#### {written.lstrip('$')}") == number
+    assert same_number("-5", "-5") and not same_number("-5", "5")
+    assert same_number("1234.50", "1234.5") and same_number("1000", "1000.0")
+    assert not same_number(None, "5") and not same_number("1,2", "12")
 
 
 # --- packing: ONE packed forward equals every region run on its own ---

@@ -380,3 +380,29 @@ def test_generate_equals_generate_batch_of_one(model_type):
                 rejected += sa["rejected"] if sampling else 0
     assert sa["context_full"] and len(a) < 30        # the last case really ran out of context
     assert rejected > 0                              # sampled drafts were really checked
+
+
+def test_cli_checks_paths_devices_and_vocabularies_before_any_work(tmp_path, capsys, monkeypatch):
+    """--viz-html to a path that cannot be written fails before the checkpoint is even loaded
+    (not after generating); --device must name a device; a tokenizer must fit the model."""
+    import decode
+    from conftest import assert_exits, save_tiny_mtp_checkpoint, tiny_config
+    from model import Transformer
+    from synthetic.tokenizer import synthetic_tokenizer
+    ckpt = tmp_path / "ckpt"
+    save_tiny_mtp_checkpoint(ckpt)
+    run = ["--ckpt", str(ckpt), "--prompt", "hi", "--static-k", "2", "--max-new", "4", "--repeats", "1"]
+
+    def no_work(*a, **kw):
+        raise AssertionError("the work started before the output path was checked")
+    with monkeypatch.context() as m:
+        m.setattr(decode, "load_for_decoding", no_work)
+        assert_exits(main, run + ["--viz-html", str(tmp_path / "no" / "x.html")],
+                     "the folder", capsys)
+        assert_exits(main, run + ["--viz-html", str(tmp_path)], "is a folder", capsys)
+    assert_exits(main, run + ["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N", capsys)
+    small = tmp_path / "small"
+    Transformer(tiny_config(vocab=100)).save_pretrained(small)
+    synthetic_tokenizer().save(small)
+    assert_exits(main, run[:1] + [str(small)] + run[2:4] + ["--static-k", "1"],
+                 "its tokenizer has ids up to 511, but the model has 100 token rows", capsys)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_exits, ROOT
+from conftest import assert_exits, ROOT, tiny_config
 import distill
 from distill import TrainConfig, hard_ce, lr_at, main, parse_args, plan_steps, soft_kl, train
 from model import Transformer
@@ -205,3 +205,81 @@ def test_embedded_teacher_is_its_recipe_and_solves_held_out_problems(tmp_path):
                 "--taus", "", "--out", str(tmp_path / "teacher")])
     (k1,) = json.load(open(tmp_path / "teacher.json"))["results"]
     assert k1["strategy"] == "static k=1" and k1["acc"] >= 0.9, k1["acc"]
+
+
+# -----------------------------------------------------------------------------
+# Pieces of the method tested directly, not only through a run's figures
+
+
+def test_draw_k_offset_draws_every_k_in_2_to_k_max_and_nothing_else():
+    """Each step's k is uniform over [2, k_max] (--fixed-k: k_max only), its offset over one
+    region stride [0, seq_len // regions)."""
+    import random
+    cfg = parse_args(["--k", "5", "--seq-len", "40", "--regions", "4"])
+    rng = random.Random(0)
+    draws = [distill.draw_k_offset(rng, cfg) for _ in range(2000)]
+    assert {k for k, _ in draws} == {2, 3, 4, 5}
+    assert {o for _, o in draws} == set(range(10))
+    counts = [sum(k == j for k, _ in draws) for j in (2, 3, 4, 5)]
+    assert min(counts) > 400                          # uniform: ~500 each
+    cfg.fixed_k = True
+    assert {distill.draw_k_offset(rng, cfg)[0] for _ in range(200)} == {5}
+
+
+def test_the_mtp_row_is_trained_by_the_shared_optimizer_step(tmp_path):
+    """One step of train() at lr 1e-2 (warm-up 1): AdamW's first step moves every weight with a
+    gradient by ~lr, the <MTP> rows of the input embedding and of the (untied) lm_head among
+    them; weight decay alone would move them by ~lr * 0.01 * |w|. So does every other tensor."""
+    from synthetic.tokenizer import synthetic_tokenizer
+    init, out = tmp_path / "init", tmp_path / "run"
+    tok = synthetic_tokenizer()
+    torch.manual_seed(0)
+    Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256, tie=False)).save_pretrained(init)
+    tok.save(init)
+    lr = 1e-2
+    train(parse_args(run_args(str(init), out, "--steps", "1", "--lr", str(lr), "--warmup", "1",
+                              "--cooldown", "0")))
+    before = Transformer.from_pretrained(str(init))
+    mtp = before.add_mtp_token(seed=0)                # the row train() drew (seed 0)
+    after = Transformer.from_pretrained(str(out / "ckpt"))
+    assert after.cfg.mtp_token_id == mtp
+    for name in ("embed.weight", "lm_head.weight"):
+        moved = (after.state_dict()[name][mtp] - before.state_dict()[name][mtp]).abs()
+        assert moved.median() > 0.5 * lr, (name, moved.median())
+    for name, p in after.named_parameters():
+        moved = (p - before.state_dict()[name]).abs().max()
+        assert moved > 0.5 * lr, (name, moved)
+
+
+def test_stream_is_a_seeded_permutation_per_epoch_and_resumes_at_pos():
+    s = distill.Stream(7, seed=3)
+    first, second = s.take(7), s.take(7)
+    assert sorted(first) == sorted(second) == list(range(7)) and first != second
+    assert first == torch.randperm(7, generator=torch.Generator().manual_seed(3)).tolist()
+    again = distill.Stream(7, seed=3)
+    assert again.take(5) + again.take(9) == first + second       # across the epoch boundary
+    assert distill.Stream(7, seed=3, pos=10).take(4) == (first + second)[10:14]
+
+
+def test_ntp_step_is_next_token_cross_entropy_up_to_each_rows_end():
+    """--pretrain's loss against a naive per-row loop: a mean over every next-token prediction
+    of every row (its padding never), the rows of different lengths."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab=20))
+    rows, eos = [[3, 4, 5, 6, 1], [7, 8, 1]], 1
+    loss, st = distill.ntp_step(model, rows, eos, torch.device("cpu"), denom=None)
+    naive = []
+    for r in rows:
+        logits = model(torch.tensor([r[:-1]]))[0]
+        naive += [-torch.log_softmax(logits[i], -1)[r[i + 1]] for i in range(len(r) - 1)]
+    torch.testing.assert_close(loss, torch.stack(naive).mean())
+    assert st["tokens"] == 6
+
+
+def test_truncate_log_forgets_only_the_records_after_the_checkpoint(tmp_path):
+    log = tmp_path / "log.jsonl"
+    recs = [{"step": 2, "loss": 1.0}, {"step": 3, "saved": "ckpt"}, {"step": 4, "loss": 0.9},
+            {"step": 6, "saved": "ckpt"}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    distill.truncate_log(str(log), 3)
+    assert [json.loads(line) for line in open(log)] == recs[:2]

@@ -144,6 +144,13 @@ def test_loader_errors(tmp_path):
     with pytest.raises(CheckpointError, match="rope type 'yarn' is not supported"):
         Transformer.from_pretrained(variant("rope", lambda c: c.update(
             rope_scaling={"rope_type": "yarn", "factor": 4.0}, rope_parameters=None)))
+    for field, value, want in (("num_hidden_layers", "2", "a whole number >= 1"),
+                               ("vocab_size", True, "a whole number >= 1"),
+                               ("tie_word_embeddings", "false", "true or false"),
+                               ("rms_norm_eps", "1e-5", "a finite number > 0"),
+                               ("head_dim", 8.0, "a whole number >= 1")):
+        with pytest.raises(CheckpointError, match=f"{field} = {value!r} is not {want}"):
+            Transformer.from_pretrained(variant(f"type-{field}", lambda c: c.update({field: value})))
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text((good / "config.json").read_text())
@@ -152,6 +159,12 @@ def test_loader_errors(tmp_path):
         Transformer.from_pretrained(str(corrupt))
     (corrupt / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a usable config"):
+        Transformer.from_pretrained(str(corrupt))
+    (corrupt / "config.json").write_bytes(b'{"model_type": "llama\xe9"}')      # not UTF-8
+    with pytest.raises(CheckpointError, match="not a usable config"):
+        Transformer.from_pretrained(str(corrupt))
+    (corrupt / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a JSON object"):
         Transformer.from_pretrained(str(corrupt))
 
 

@@ -140,6 +140,7 @@ def main(argv=None):
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory per process in GiB")
     a = vars(p.parse_args(argv))
     nproc, gpu_mem = a.pop("nproc"), a.pop("gpu_mem")
+    a.pop("plan")                       # distill.py's pointer to this tool; here it is the plan
     cfg = TrainConfig(**a)
     try:
         if nproc < 1 or not gpu_mem > 0:
