@@ -404,10 +404,11 @@ def latest_checkpoint(out, required=True):
         raise ConfigError(f"--resume: no checkpoint in {out}/ckpt; start a new run without --resume")
 
 
-def saved_state(ck):
-    """A checkpoint's train_state.pt, memory-mapped: reading its step or args reads little."""
+def saved_state(ck, mmap=True):
+    """A checkpoint's train_state.pt; memory-mapped by default: reading its step or args reads
+    little."""
     return torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False,
-                      mmap=True)
+                      mmap=mmap)
 
 
 # -----------------------------------------------------------------------------
@@ -657,8 +658,7 @@ def resume(cfg, rng, stream, device, master, tok):
     copy would keep it on disk for the whole run. Under FSDP every rank maps it (the page cache
     holds one copy for all) and keeps copies of its own shard only (load_optimizer_state)."""
     ck = latest_checkpoint(cfg.out)
-    state = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False,
-                       mmap=cfg.fsdp)
+    state = saved_state(ck, mmap=cfg.fsdp)
     stream.pos = state["data_pos"]
     rng.setstate(state["rng"])
     torch.set_rng_state(state["torch_rng"])
