@@ -94,7 +94,7 @@ def pack_layout(seq_len, k, ends):
     return torch.tensor(gt_slot), pos, see_gt | see_span, torch.tensor(sup)
 
 
-def pack(seqs, k, offset, n_regions, seq_len, mtp_id, eos_id):
+def pack(seqs, k, offset, n_regions, seq_len, mtp_id, eos_id, starts=None):
     """Pack token sequences (each ending in EOS, or cut at seq_len) into the student layout.
 
     Rows longer than seq_len are cut; shorter ones are padded with EOS (positions past a row's
@@ -103,6 +103,9 @@ def pack(seqs, k, offset, n_regions, seq_len, mtp_id, eos_id):
     first seq_len tokens, but targets come from the whole sample: the last region's span can
     reach up to k-1 tokens past the window, and a sample whose EOS falls there still gets its
     real tokens, then EOS (docs/METHOD.md: "its span targets past EOS are EOS").
+    starts: each row's first answer token (None: supervise the prompt too). A region is then
+    dropped unless its targets are answer tokens: p_r >= start - 1, the prompt's last token
+    predicting the answer's first, as at decode time.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -132,6 +135,8 @@ def pack(seqs, k, offset, n_regions, seq_len, mtp_id, eos_id):
         idx[b, gt_slot] = whole[:seq_len]
         length[b] = seq_len if eos_at is None else min(eos_at + 1, seq_len)
         valid[b] = ends_t < (seq_len if eos_at is None else eos_at)   # x_p comes before the EOS
+        if starts is not None:
+            valid[b] &= ends_t >= starts[b] - 1
         if eos_at is not None:
             reach = ends_t + k >= eos_at                     # this region's targets reach the EOS
             first = int(reach.nonzero()[0]) if reach.any() else M
@@ -169,6 +174,17 @@ def sample_ids(tok, row):
     if tok.chat is None:
         return tok.encode(plain_prompt(row["question"]) + " " + row["answer"]) + [tok.eos_id]
     return tok.prompt(row["question"]) + tok.encode(row["answer"]) + [tok.eos_id]
+
+
+def answer_start(tok, row, ids):
+    """Where the answer begins in sample_ids' `ids`: after the tokens they share with the prompt
+    alone (a token merged across the seam counts as answer)."""
+    prompt = tok.prompt(row["question"]) if tok.chat is not None else \
+        tok.encode(plain_prompt(row["question"]))
+    n = 0
+    while n < min(len(prompt), len(ids)) and prompt[n] == ids[n]:
+        n += 1
+    return n
 
 
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")

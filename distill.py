@@ -2,16 +2,17 @@
 Online self-distillation of a next-token model into a multi-token predictor (docs/METHOD.md).
 
     python distill.py --k 4                         # the embedded default: CPU, offline
+    python distill.py --k 4 --recipe paper          # the paper's recipe instead (RECIPES)
     python distill.py --init DIR --data gsm8k --k 16 --out runs/smol    # any HF checkpoint
     python distill.py --out runs/smol --resume      # continue a killed run exactly
     python distill.py --pretrain --out checkpoints/synth-teacher    # rebuild the default teacher
     torchrun --nproc_per_node 4 distill.py --fsdp --grad-ckpt --init DIR ...   # parallel/
 
-Each step: draw k in [2, k_max] and an offset; pack the batch (data.pack); one student forward
+Each micro-batch: draw k in [2, k_max] and an offset; pack it (data.pack); one student forward
 gives the student's argmax rollout at every supervised position; the teacher (a frozen copy of
 the init checkpoint) scores that rollout in one forward; the loss pulls the student toward the
 teacher's argmax (--teacher hard) or distribution (--teacher soft). One student forward/backward
-and one teacher forward per step.
+and one teacher forward per micro-batch.
 
 Outputs in --out: ckpt/ (the student in the HF layout, its tokenizer, train_state.pt; replaced
 atomically every --save-every steps and at the end), log.jsonl (one record per log interval)
@@ -35,8 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import (DataError, TokenizerError, check_vocab, load_dataset, load_tokenizer, pack,
-                  sample_ids, teacher_input)
+from data import (DataError, TokenizerError, answer_start, check_vocab, load_dataset,
+                  load_tokenizer, pack, sample_ids, teacher_input)
 from model import CheckpointError, Config, Transformer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,6 +53,9 @@ def arg(default, help):
 
 @dataclass
 class TrainConfig:
+    recipe: str = arg("default", "default: the settings below, our best at this scale | paper: "
+                                 "the paper's (k drawn, regions everywhere, no prefix loss; "
+                                 "RECIPES lists them); a flag given beside it still wins")
     init: str = arg("", "teacher/student init: HF dir or hub name; empty = the embedded default "
                         f"teacher ({os.path.relpath(DEFAULT_TEACHER, HERE)}, built if missing)")
     data: str = arg("synthetic", "synthetic | gsm8k | a .jsonl with question/answer rows")
@@ -60,7 +64,15 @@ class TrainConfig:
     fixed_k: bool = arg(False, "ablation: always k = k_max")
     teacher: str = arg("hard", "hard: CE to the teacher's argmax | soft: KL(teacher || student)")
     targets: str = arg("teacher", "teacher: online distillation | data: ablation, CE to ground truth")
-    prefix_loss: bool = arg(False, "ablation: add NTP cross-entropy on the ground-truth positions")
+    prefix_loss: bool = arg(True, "add NTP cross-entropy on the ground-truth positions (keeps the "
+                                  "student's k=1 accuracy; the paper: none)")
+    supervise: str = arg("all", "answer: MTP regions only where the answer is written, from the "
+                                   "prompt's last token on (what decoding asks for) | all: the "
+                                   "prompt too (the paper)")
+    batching: str = arg("sorted", "sorted: each step's samples sorted by length into its "
+                                  "micro-batches, each packed only as long as its longest (less "
+                                  "padding, the same samples and supervision) | random: every "
+                                  "micro-batch seq_len long")
     pretrain: bool = arg(False, "train a small model from scratch with plain NTP (builds the "
                                 "default teacher); no teacher, no <MTP>")
     reuse_mtp: bool = arg(False, "allow an init that already has an <MTP> token, reusing its id")
@@ -70,9 +82,10 @@ class TrainConfig:
                               "from their pace (at most --steps), so that its cool-down ends in time")
     seq_len: int = arg(160, "ground-truth tokens per training sequence (N)")
     regions: int = arg(0, "MTP regions per sequence (M); 0 = seq_len // (2 k_max) as in the paper")
-    step_tokens: int = arg(5120, "ground-truth tokens per optimizer step; sets gradient accumulation")
-    micro_batch: int = arg(32, "sequences per forward pass on each process")
-    lr: float = arg(2e-4, "peak learning rate (paper: 1e-5 for 8B models)")
+    step_tokens: int = arg(2560, "ground-truth tokens per optimizer step; sets gradient "
+                                 "accumulation")
+    micro_batch: int = arg(8, "sequences per forward pass on each process")
+    lr: float = arg(3e-4, "peak learning rate (paper: 1e-5 for 8B models)")
     warmup: int = arg(50, "linear warm-up steps, then constant (paper: 2000)")
     cooldown: int = arg(400, "linear decay to 0 over the last this many steps (0 = constant, as "
                              "the paper); it keeps the student's k=1 accuracy, see README")
@@ -99,14 +112,24 @@ class TrainConfig:
                             "with the same options")
 
 
+# The paper's recipe at this scale: its method as published (k drawn uniformly, M = N / (2 k_max)
+# regions over the whole sample, one loss on the MTP positions, batches of fixed length), with
+# this project's lr schedule at this model size (the paper: constant lr 1e-5 for 8B models).
+RECIPES = {"default": {},
+           "paper": {"fixed_k": False, "prefix_loss": False, "supervise": "all",
+                     "batching": "random", "regions": 0, "seq_len": 160, "step_tokens": 5120,
+                     "micro_batch": 32, "lr": 2e-4, "warmup": 50, "cooldown": 400, "steps": 800}}
+
+
 def add_config_args(p, only=None):
     """One command-line option per TrainConfig field (or per field named in `only`)."""
     for f in fields(TrainConfig):
         if only is not None and f.name not in only:
             continue
         name = "--" + f.name.replace("_", "-")
-        if f.type == "bool" or isinstance(f.default, bool):
-            p.add_argument(name, action="store_true", help=f.metadata["help"])
+        if f.type == "bool" or isinstance(f.default, bool):     # --x and --no-x
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.metadata["help"])
         else:
             p.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"])
 
@@ -115,7 +138,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_args(p)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    return TrainConfig(**vars(parse_with_recipe(p, argv)))
+
+
+def parse_with_recipe(p, argv=None):
+    """p.parse_args(argv), --recipe's settings taking the place of the defaults (check_config
+    refuses an unknown recipe)."""
+    p.set_defaults(**RECIPES.get(p.parse_known_args(argv)[0].recipe, {}))
+    return p.parse_args(argv)
 
 
 class ConfigError(ValueError):
@@ -139,6 +169,8 @@ def check_config(cfg):
             finite = " and finite" if isinstance(x, float) else ""
             raise ConfigError(f"{option(name)} must be {'> 0' if name == 'lr' else '>= 0'}{finite} "
                               f"(got {x})")
+    if cfg.recipe not in RECIPES:
+        raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)} (got {cfg.recipe!r})")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda (got {cfg.device!r})")
     if cfg.precision not in ("auto", "fp32"):
@@ -161,6 +193,8 @@ def check_config(cfg):
         raise ConfigError(f"--k is k_max, the largest k drawn; it must be >= 2 (got {cfg.k})")
     if cfg.teacher not in ("hard", "soft") or cfg.targets not in ("teacher", "data"):
         raise ConfigError("--teacher must be hard|soft and --targets teacher|data")
+    if cfg.supervise not in ("answer", "all") or cfg.batching not in ("sorted", "random"):
+        raise ConfigError("--supervise must be answer|all and --batching sorted|random")
     if cfg.attention not in ("sdpa", "flex"):
         raise ConfigError("--attention must be sdpa or flex")
     if n_regions(cfg) < 1 or cfg.seq_len // n_regions(cfg) < cfg.k:
@@ -171,6 +205,18 @@ def check_config(cfg):
 
 def n_regions(cfg):
     return cfg.regions or cfg.seq_len // (2 * cfg.k)
+
+
+def batch_shape(cfg, rows):
+    """(ground-truth tokens N, regions M) of one micro-batch: seq_len and n_regions, or with
+    --batching sorted only as long as its longest row (rounded up to whole region strides):
+    every row keeps the regions it would have had at full length, and no padding is computed."""
+    M = n_regions(cfg)
+    if cfg.batching == "random":
+        return cfg.seq_len, M
+    stride = cfg.seq_len // M
+    n = min(cfg.seq_len, -(-max(len(r) for r in rows) // stride) * stride)
+    return n, min(M, n // stride)
 
 
 # -----------------------------------------------------------------------------
@@ -338,17 +384,29 @@ def ntp_step(model, seqs, eos_id, device, denom):
 
 class Stream:
     """The global sample order: a seeded permutation per epoch; `pos` = samples consumed so far,
-    saved in the checkpoint so a resumed run sees exactly the samples it would have seen."""
+    saved in the checkpoint so a resumed run sees exactly the samples it would have seen.
+    lengths (--batching sorted): each run of `group` samples of the permutation (one optimizer
+    step's, all ranks') is sorted by length, so that its micro-batches hold neighbouring lengths
+    while every step still draws its samples at random."""
 
-    def __init__(self, n, seed, pos=0):
-        self.n, self.seed, self.pos = n, seed, pos
+    def __init__(self, n, seed, pos=0, lengths=None, group=1):
+        self.n, self.seed, self.pos, self.lengths, self.group = n, seed, pos, lengths, group
+
+    def order(self, epoch):
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.n, generator=g)
+        if self.lengths is None:
+            return order
+        lengths = torch.tensor(self.lengths)
+        return torch.cat([run[torch.argsort(lengths[run], stable=True)]
+                          for run in order.split(self.group)])
 
     def take(self, count):
         out = []
         for p in range(self.pos, self.pos + count):
             epoch, i = divmod(p, self.n)
             if i == 0 or not out:
-                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                order = self.order(epoch)
             out.append(int(order[i]))
         self.pos += count
         return out
@@ -507,6 +565,10 @@ RESUMABLE = {"steps", "log_every", "save_every", "threads", "device", "compile",
              "grad_ckpt", "out", "resume", "overwrite", "plan", "minutes"}
 
 
+# What a checkpoint written before these settings existed did: check_resume compares them.
+BEFORE_SAVED = {"recipe": "paper", "supervise": "all", "batching": "random"}
+
+
 def same_setting(old, new):
     """Equal, or two spellings of one existing path."""
     if old == new:
@@ -531,7 +593,7 @@ def check_resume(cfg):
         raise ConfigError(f"{ck} is from a --minutes run planned to {planned} steps with a "
                           f"{saved['cooldown']}-step cool-down: resume it with --steps {planned} "
                           f"--cooldown {saved['cooldown']}")
-    old = {**asdict(TrainConfig()), **saved}
+    old = {**asdict(TrainConfig()), **BEFORE_SAVED, **saved}
     changed = [f"{option(name)} {old[name]!r} -> {new!r}" for name, new in asdict(cfg).items()
                if name not in RESUMABLE and not same_setting(old[name], new)]
     if changed:
@@ -541,12 +603,13 @@ def check_resume(cfg):
 
 
 def load_samples(cfg, tok):
-    """Token ids of every training sample of cfg.data."""
+    """(token ids of every training sample of cfg.data, where each one's answer starts)."""
     rows = load_dataset(cfg.data, "train", cfg.data if cfg.data.endswith(".jsonl") else None)
-    seqs = [s for s in (sample_ids(tok, r) for r in rows) if len(s) > 1]
-    if not seqs:
+    samples = [(s, answer_start(tok, r, s)) for s, r in ((sample_ids(tok, r), r) for r in rows)
+               if len(s) > 1]
+    if not samples:
         raise ConfigError(f"dataset {cfg.data!r} has no usable rows")
-    return seqs
+    return [s for s, _ in samples], [a for _, a in samples]
 
 
 def uses_bf16(device, cfg):
@@ -678,18 +741,32 @@ def load_optimizer_state(raw, opt, optim_state, cfg):
         opt.load_state_dict(optim_state)
 
 
-def step_batches(cfg, seqs, stream, rng, rank, world, mtp_id, eos_id, device, accum):
+def step_batches(cfg, seqs, starts, stream, rng, rank, world, mtp_id, eos_id, device, accum):
     """One optimizer step's micro-batches: this rank's share of the next samples, packed with
     a fresh k and offset for each micro-batch (--pretrain: the plain token lists)."""
     micro = []
     for _ in range(accum):
-        batch = stream.take(cfg.micro_batch * world)[rank * cfg.micro_batch:(rank + 1) * cfg.micro_batch]
-        batch = [seqs[i] for i in batch]
+        ids = stream.take(cfg.micro_batch * world)[rank * cfg.micro_batch:(rank + 1) * cfg.micro_batch]
+        batch = [seqs[i] for i in ids]
         if not cfg.pretrain:
             k, offset = draw_k_offset(rng, cfg)
-            batch = pack(batch, k, offset, n_regions(cfg), cfg.seq_len, mtp_id, eos_id).to(device)
+            n, m = batch_shape(cfg, batch)
+            answer = [starts[i] for i in ids] if cfg.supervise == "answer" else None
+            batch = pack(batch, k, offset, m, n, mtp_id, eos_id, answer).to(device)
         micro.append(batch)
     return micro
+
+
+def accum_steps(cfg, world):
+    """Micro-batches per optimizer step (gradient accumulation), from --step-tokens."""
+    return max(1, cfg.step_tokens // (cfg.micro_batch * world * cfg.seq_len))
+
+
+def sample_stream(cfg, seqs, world):
+    """A new run's sample order (--batching sorted: each step's samples sorted by length)."""
+    lengths = [len(s) for s in seqs] if cfg.batching == "sorted" else None
+    return Stream(len(seqs), cfg.seed, lengths=lengths,
+                  group=cfg.micro_batch * world * accum_steps(cfg, world))
 
 
 def train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, eos_id, device, acc):
@@ -825,14 +902,14 @@ def load_run(cfg, world, device, master):
         raise ConfigError("--attention flex needs CUDA (FlexAttention has no backward on the CPU); "
                           "use --attention sdpa")
     student, teacher, tok = load_models(cfg, device)
-    seqs = load_samples(cfg, tok)
+    seqs, starts = load_samples(cfg, tok)
     if not cfg.pretrain and cfg.seq_len + cfg.k - 1 > student.cfg.max_seq_len:
         raise ConfigError(f"--seq-len {cfg.seq_len} + k {cfg.k} exceeds the model's context "
                           f"({student.cfg.max_seq_len})")
     if cfg.pretrain:
         seqs = [s[:cfg.seq_len] for s in seqs]
     rng = random.Random(cfg.seed)                      # k and offset draws
-    stream = Stream(len(seqs), cfg.seed)
+    stream = sample_stream(cfg, seqs, world)
     step, optim_state = 0, None
     if cfg.resume:
         student, step, optim_state = resume(cfg, rng, stream, device, master, tok)
@@ -844,7 +921,7 @@ def load_run(cfg, world, device, master):
     opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if optim_state is not None:         # the loaded state goes with this function's return
         load_optimizer_state(raw, opt, optim_state, cfg)
-    return raw, student, teacher, tok, seqs, opt, rng, stream, step
+    return raw, student, teacher, tok, (seqs, starts), opt, rng, stream, step
 
 
 def diverged(cfg, step, e):
@@ -873,22 +950,23 @@ def run(cfg, rank, world, device):
     """Everything loaded (load_run), then one optimizer step at a time, the log and checkpoints
     at their intervals."""
     master = rank == 0
-    raw, student, teacher, tok, seqs, opt, rng, stream, step = load_run(cfg, world, device, master)
+    raw, student, teacher, tok, samples, opt, rng, stream, step = load_run(cfg, world, device, master)
     mtp_id = raw.cfg.mtp_token_id
     if not cfg.pretrain:
         raw.cfg.mtp_k_max = cfg.k                     # decode.py reads k_max from the checkpoint
-    accum = max(1, cfg.step_tokens // (cfg.micro_batch * world * cfg.seq_len))
+    accum = accum_steps(cfg, world)
     total = cfg.steps                                 # --minutes plans it once, after log_every steps
     if master:
         n_params = sum(p.numel() for p in raw.parameters())
         print(f"{'pretrain' if cfg.pretrain else 'distill'}: {n_params / 1e6:.2f}M params on {device}"
-              f" x{world}{' (FSDP)' if cfg.fsdp else ''}, {len(seqs)} samples, {accum} x "
+              f" x{world}{' (FSDP)' if cfg.fsdp else ''}, {len(samples[0])} samples, {accum} x "
               f"{cfg.micro_batch * world} sequences per step", flush=True)
         write_args(cfg, total)
     acc, t_start, start_step = fresh_stats(cfg.k), time.perf_counter(), step
     with open(os.path.join(cfg.out, "log.jsonl"), "a") if master else contextlib.nullcontext() as log:
         while step < total:
-            micro = step_batches(cfg, seqs, stream, rng, rank, world, mtp_id, tok.eos_id, device, accum)
+            micro = step_batches(cfg, *samples, stream, rng, rank, world, mtp_id, tok.eos_id, device,
+                                 accum)
             lr = lr_at(step, cfg.lr, cfg.warmup, cfg.cooldown, total)
             try:
                 train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, tok.eos_id, device,

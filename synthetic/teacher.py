@@ -13,11 +13,12 @@ DEFAULT_TEACHER = os.path.join(ROOT, "checkpoints", "synth-teacher")
 
 SYNTH_TEACHER = Config(model_type="llama", vocab_size=512, n_layer=4, n_head=6, n_kv_head=6,
                        d_model=192, head_dim=32, d_ff=512, max_seq_len=256, tie_embeddings=True)
-# the exact command that built checkpoints/synth-teacher (distill.py runs it if it is missing)
-TEACHER_RECIPE = ["--pretrain", "--data", "synthetic", "--out", DEFAULT_TEACHER, "--steps", "5000",
-                  "--lr", "2e-3", "--warmup", "100", "--cooldown", "2000", "--seq-len", "256",
-                  "--step-tokens", "6144", "--micro-batch", "32", "--save-every", "500",
-                  "--log-every", "50"]
+# the command that built checkpoints/synth-teacher (distill.py runs it if it is missing); its
+# settings are the paper recipe's defaults (fixed-length batches) and these
+TEACHER_RECIPE = ["--recipe", "paper", "--pretrain", "--data", "synthetic", "--out", DEFAULT_TEACHER,
+                  "--steps", "5000", "--lr", "2e-3", "--warmup", "100", "--cooldown", "2000",
+                  "--seq-len", "256", "--step-tokens", "6144", "--micro-batch", "32",
+                  "--save-every", "500", "--log-every", "50"]
 
 
 

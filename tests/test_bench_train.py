@@ -9,7 +9,7 @@ from tools.bench_train import (load_samples, main, make_batches, mtp_train_step,
                          peak_tflops)
 from conftest import assert_exits, tiny_config
 from data import load_tokenizer
-from distill import Stream, load_models, lr_at, supervised_weight, train
+from distill import load_models, lr_at, sample_stream, supervised_weight, train
 from synthetic.problems import synthetic_problems
 from synthetic.tokenizer import synthetic_tokenizer
 from distill import parse_args as distill_args
@@ -51,13 +51,14 @@ def test_report_adds_up(tiny, capsys):
     tok = load_tokenizer(tiny[0])
     seqs = load_samples(cfg, tok)
     batches = make_batches(cfg, seqs, 3, tok.n_vocab, tok.eos_id)
+    seqs = seqs[0]
     count = sum(int(P.valid.sum()) * P.sup.size(1) for P in batches)
     assert count > 0 and res["mtp_sup_tokens"] == count
     assert res["mtp_sup_tok_per_s"] == pytest.approx(count / (3 * res["mtp_ms"] / 1000))
     assert res["mean_packed_len"] == sum(P.idx.size(1) for P in batches) / 3
     # the NTP step trains on the same rows' ground truth: the first N tokens, EOS-padded
     x, w = ntp_inputs(batches[0])
-    first = [seqs[i][:48] for i in Stream(len(seqs), cfg.seed).take(3)]     # distill's first rows
+    first = [seqs[i][:48] for i in sample_stream(cfg, seqs, 1).take(3)]    # distill's first rows
     assert x.tolist() == [s + [tok.eos_id] * (48 - len(s)) for s in first]
     assert res["ntp_tokens"] == sum(float(ntp_inputs(P)[1].sum()) for P in batches)
 

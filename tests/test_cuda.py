@@ -26,7 +26,7 @@ def one_step(init, device, precision):
                       "--precision", precision])
     dev = torch.device(device)
     student, teacher, tok = load_models(cfg, dev)
-    rows = load_samples(cfg, tok)[:6]
+    rows = load_samples(cfg, tok)[0][:6]
     mtp = student.cfg.mtp_token_id
     P = pack(rows, 3, 2, n_regions(cfg), cfg.seq_len, mtp, tok.eos_id).to(dev)
     with autocast(dev, cfg):

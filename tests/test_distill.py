@@ -53,7 +53,7 @@ def weights(path):
 
 
 @pytest.mark.parametrize("mode", [[], ["--teacher", "soft"], ["--targets", "data", "--fixed-k"],
-                                  ["--prefix-loss"]])
+                                  ["--recipe", "paper"]])
 def test_training_modes_run_and_log(tiny_init, tmp_path, mode):
     train(parse_args(run_args(tiny_init, tmp_path, "--steps", "4", *mode)))
     recs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
@@ -139,7 +139,7 @@ def test_minutes_plans_the_length_once(tiny_init, tmp_path, monkeypatch, minutes
     losses = [r for r in recs if "loss" in r]
     assert losses[-1]["step"] == final
     for r in losses:
-        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, 2e-4, 1, cooldown, final))
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, TrainConfig().lr, 1, cooldown, final))
 
 
 def test_a_new_run_never_mixes_with_an_old_one_in_the_same_out(tiny_init, tmp_path, capsys):
@@ -283,3 +283,104 @@ def test_truncate_log_forgets_only_the_records_after_the_checkpoint(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
     distill.truncate_log(str(log), 3)
     assert [json.loads(line) for line in open(log)] == recs[:2]
+
+
+def test_sorted_stream_draws_each_steps_samples_at_random_then_sorts_them_by_length():
+    """--batching sorted: a step (a run of `group` samples) holds exactly the samples the plain
+    seeded permutation gives it, in order of length, and the stream still resumes at pos."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 12, (50,), generator=g).tolist()
+    plain = distill.Stream(50, seed=1)
+    s = distill.Stream(50, seed=1, lengths=lengths, group=8)
+    first, second = s.take(50), s.take(50)
+    assert sorted(first) == sorted(second) == list(range(50)) and first != second
+    for ours, theirs in ((first, plain.take(50)), (second, plain.take(50))):
+        for start in range(0, 50, 8):
+            step = ours[start:start + 8]
+            assert sorted(step) == sorted(theirs[start:start + 8])
+            assert [lengths[i] for i in step] == sorted(lengths[i] for i in step)
+    again = distill.Stream(50, seed=1, pos=37, lengths=lengths, group=8)
+    assert again.take(20) == (first + second)[37:57]
+
+
+def short_rows(cfg, tok, n, longest):
+    seqs, starts = distill.load_samples(cfg, tok)
+    keep = [i for i in range(len(seqs)) if len(seqs[i]) <= longest][:n]
+    return [seqs[i] for i in keep], [starts[i] for i in keep]
+
+
+@pytest.mark.parametrize("supervise", ["answer", "all"])
+def test_a_short_batch_trains_exactly_what_a_full_length_one_does(tiny_init, tmp_path, supervise):
+    """batch_shape cuts a batch of short rows to whole region strides past its longest row: the
+    same supervised positions, the same summed loss and statistics as at full --seq-len, with
+    none of the padding computed."""
+    cfg = parse_args(run_args(tiny_init, tmp_path, "--seq-len", "160", "--supervise", supervise))
+    student, teacher, tok = distill.load_models(cfg, torch.device("cpu"))
+    rows, starts = short_rows(cfg, tok, 3, 90)
+    n, m = distill.batch_shape(cfg, rows)
+    stride = cfg.seq_len // distill.n_regions(cfg)
+    assert max(map(len, rows)) <= n < max(map(len, rows)) + stride and n % stride == 0
+    mtp = student.cfg.mtp_token_id
+    answer = starts if supervise == "answer" else None
+    for k, offset in [(4, 0), (3, 5), (2, 7)]:
+        short = distill.pack(rows, k, offset, m, n, mtp, tok.eos_id, answer)
+        full = distill.pack(rows, k, offset, distill.n_regions(cfg), cfg.seq_len, mtp, tok.eos_id,
+                            answer)
+        assert short.idx.size(1) < full.idx.size(1)
+        got, st = distill.mtp_step(student, teacher, short, cfg, mtp, tok.eos_id, denom=1.0)
+        want, st_full = distill.mtp_step(student, teacher, full, cfg, mtp, tok.eos_id, denom=1.0)
+        torch.testing.assert_close(got, want)
+        for name in ("agree", "count", "tokens"):
+            torch.testing.assert_close(st[name], st_full[name])
+    assert distill.batch_shape(parse_args(run_args(tiny_init, tmp_path, "--batching", "random")),
+                               rows) == (64, 8)
+
+
+def test_answer_supervision_keeps_exactly_the_regions_whose_targets_are_the_answer(tiny_init):
+    """--supervise answer against a naive check: a region stays if it is there at all (before the
+    row's EOS) and its prefix ends at the prompt's last token or later; answer_start is where the
+    prompt's own tokens end."""
+    from data import answer_start, load_tokenizer, plain_prompt, region_ends, sample_ids
+    from synthetic.problems import synthetic_problems
+    tok = load_tokenizer(tiny_init)
+    probs = synthetic_problems(4, seed=3)
+    rows = [sample_ids(tok, r) for r in probs]
+    starts = [answer_start(tok, r, s) for r, s in zip(probs, rows)]
+    for r, s, a in zip(probs, rows, starts):
+        assert tok.decode(s[:a]) == plain_prompt(r["question"])
+        assert tok.decode(s[a:]).startswith(" " + r["answer"][:10])
+    for offset in range(8):         # every offset: some region ends at the prompt's last token
+        ends = region_ends(160, 20, offset)
+        every = distill.pack(rows, 4, offset, 20, 160, 600, tok.eos_id)
+        answer = distill.pack(rows, 4, offset, 20, 160, 600, tok.eos_id, starts)
+        want = [[bool(every.valid[b, r]) and ends[r] >= starts[b] - 1 for r in range(20)]
+                for b in range(4)]
+        assert answer.valid.tolist() == want
+        assert 0 < answer.valid.sum() < every.valid.sum()
+
+
+def test_recipes_set_defaults_and_a_flag_beside_one_still_wins(tiny_init, tmp_path, capsys):
+    paper = parse_args(["--recipe", "paper"])
+    assert all(getattr(paper, name) == v for name, v in distill.RECIPES["paper"].items())
+    assert parse_args([]) == TrainConfig()                  # the default recipe: the dataclass
+    mixed = parse_args(["--recipe", "paper", "--lr", "1e-3", "--fixed-k"])
+    assert (mixed.lr, mixed.fixed_k, mixed.supervise) == (1e-3, True, "all")
+    assert parse_args(["--no-prefix-loss"]).prefix_loss is False
+    assert_exits(main, run_args(tiny_init, tmp_path / "r", "--recipe", "fast"), "--recipe must be one of",
+                 capsys)
+
+
+def test_resuming_a_checkpoint_from_before_the_recipes_compares_what_it_did(tiny_init, tmp_path, capsys):
+    """A checkpoint whose args lack recipe/supervise/batching was trained as the paper recipe
+    trains (BEFORE_SAVED): resuming it with the paper recipe continues, with the default
+    recipe it is refused, naming each change."""
+    out = tmp_path / "old"
+    train(parse_args(run_args(tiny_init, out, "--steps", "2", "--recipe", "paper")))
+    path = out / "ckpt" / "train_state.pt"
+    state = torch.load(path, weights_only=False)
+    for name in distill.BEFORE_SAVED:
+        del state["args"][name]
+    torch.save(state, path)
+    assert_exits(main, run_args(tiny_init, out, "--steps", "4", "--resume"),
+                 "--batching 'random' -> 'sorted'", capsys)
+    train(parse_args(run_args(tiny_init, out, "--steps", "4", "--resume", "--recipe", "paper")))

@@ -126,13 +126,13 @@ def saved_storages(into):
 
 
 def test_grad_ckpt_leaves_loss_and_gradients_unchanged_and_saves_less(tiny_init):
-    cfg = parse_args(["--init", tiny_init, "--k", "4", "--seq-len", "64"])
+    cfg = parse_args(["--init", tiny_init, "--k", "4", "--seq-len", "64", "--recipe", "paper"])
     runs = []
     for ckpt in (False, True):
         student, teacher, tok = load_models(cfg, torch.device("cpu"))
         if ckpt:
             checkpoint_blocks(student)
-        P = pack(load_samples(cfg, tok)[:6], 3, 2, n_regions(cfg), cfg.seq_len,
+        P = pack(load_samples(cfg, tok)[0][:6], 3, 2, n_regions(cfg), cfg.seq_len,
                  student.cfg.mtp_token_id, tok.eos_id)
         saved = {}   # what autograd keeps for backward outside the checkpointed blocks
         with saved_storages(saved):

@@ -26,10 +26,10 @@ import time
 import torch
 import torch.nn as nn
 
-from data import DataError, TokenizerError, pack
-from distill import (ConfigError, Stream, TrainConfig, add_config_args, autocast, check_config,
-                     draw_k_offset, hard_ce, load_models, load_samples, mtp_step, n_regions,
-                     ntp_inputs, optimizer_update, supervised_weight, uses_bf16)
+from data import DataError, TokenizerError
+from distill import (ConfigError, TrainConfig, add_config_args, autocast, check_config, hard_ce,
+                     load_models, load_samples, mtp_step, n_regions, ntp_inputs, optimizer_update,
+                     sample_stream, step_batches, supervised_weight, uses_bf16)
 from fast.flex import FlexMask
 from model import CheckpointError
 
@@ -40,8 +40,8 @@ PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
 # -----------------------------------------------------------------------------
 # Configuration: the method's settings come from distill.TrainConfig (defaults written once there)
 
-SHARED = ["init", "data", "k", "fixed_k", "regions", "seq_len", "teacher", "seed", "compile",
-          "attention", "device", "precision", "threads"]
+SHARED = ["init", "data", "k", "fixed_k", "regions", "seq_len", "supervise", "batching", "teacher",
+          "seed", "compile", "attention", "device", "precision", "threads"]
 
 
 def parse_args(argv=None):
@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="the device's peak for MFU; 0 = look the GPU up in a small bf16 table")
     a = p.parse_args(argv)
-    cfg = TrainConfig(**{n: getattr(a, n) for n in SHARED}, micro_batch=a.batch, steps=a.steps)
+    cfg = TrainConfig(**{n: getattr(a, n) for n in SHARED}, micro_batch=a.batch, steps=a.steps,
+                      step_tokens=a.batch * a.seq_len)        # one micro-batch per step
     return cfg, a
 
 
@@ -80,16 +81,12 @@ def check_args(cfg, a):
 # The batches: drawn and packed as distill.train draws them (same stream, same k/offset draws)
 
 
-def make_batches(cfg, seqs, n, mtp_id, eos_id):
+def make_batches(cfg, samples, n, mtp_id, eos_id):
     """n packed batches of cfg.micro_batch rows (on the CPU): the first n steps of a distill.py run
-    with this config, one micro-batch per step."""
-    stream, rng = Stream(len(seqs), cfg.seed), random.Random(cfg.seed)
-    batches = []
-    for _ in range(n):
-        rows = [seqs[i] for i in stream.take(cfg.micro_batch)]
-        k, offset = draw_k_offset(rng, cfg)
-        batches.append(pack(rows, k, offset, n_regions(cfg), cfg.seq_len, mtp_id, eos_id))
-    return batches
+    with this config (samples: load_samples'), one micro-batch per step."""
+    stream, rng = sample_stream(cfg, samples[0], 1), random.Random(cfg.seed)
+    return [step_batches(cfg, *samples, stream, rng, 0, 1, mtp_id, eos_id, torch.device("cpu"), 1)[0]
+            for _ in range(n)]
 
 
 # -----------------------------------------------------------------------------
@@ -189,14 +186,14 @@ def run(cfg, a):
         raise ConfigError("--attention flex needs CUDA (FlexAttention has no backward on the CPU); "
                           "use --attention sdpa")
     student, teacher, tok = load_models(cfg, device)
-    seqs = load_samples(cfg, tok)
+    samples = load_samples(cfg, tok)
     if cfg.seq_len + cfg.k - 1 > student.cfg.max_seq_len:
         raise ConfigError(f"--seq-len {cfg.seq_len} + k {cfg.k} exceeds the model's context "
                           f"({student.cfg.max_seq_len})")
     mtp_id, eos_id = student.cfg.mtp_token_id, tok.eos_id
 
     # everything a step consumes, made before any timing
-    batches = [P.to(device) for P in make_batches(cfg, seqs, a.steps, mtp_id, eos_id)]
+    batches = [P.to(device) for P in make_batches(cfg, samples, a.steps, mtp_id, eos_id)]
     sup_tokens = [float(supervised_weight(P, cfg).sum()) for P in batches]   # as distill counts
     denoms = [torch.tensor(max(1.0, s), device=device) for s in sup_tokens]
     ntp = [ntp_inputs(P) for P in batches]

@@ -56,13 +56,13 @@ T0=$(date +%s)
 
 if [ $TINY = 1 ]; then
   DEV=cpu; GRAPHS=eager; DTYPE=fp32; SLOWER=4   # the time limits are the GPU's, 4 times longer
-  MINUTES=0.1; DISTILL="--steps 40 --seq-len 64 --micro-batch 4 --step-tokens 256 --warmup 1
+  MINUTES=0.1; DISTILL="--recipe paper --steps 40 --seq-len 64 --micro-batch 4 --step-tokens 256 --warmup 1
     --cooldown 1 --log-every 2"
   N_BENCH=8; NEW_BENCH=16; N_B1=2; N_B16=16; NEW_SPEED=12; NEW_DECODE=16; REPEATS=1
   TRAIN_SIZES="--seq-len 64 --batch 4 --k 4"; TRAIN_STEPS=2
 else
   DEV=cuda; GRAPHS=graphs; DTYPE=bf16; SLOWER=1
-  MINUTES=4; DISTILL="--steps 100000 --seq-len 256 --micro-batch 32 --step-tokens 8192 --lr 5e-5
+  MINUTES=4; DISTILL="--recipe paper --steps 100000 --seq-len 256 --micro-batch 32 --step-tokens 8192 --lr 5e-5
     --warmup 100 --cooldown 500 --log-every 100"
   N_BENCH=500; NEW_BENCH=256; N_B1=16; N_B16=64; NEW_SPEED=128; NEW_DECODE=128; REPEATS=3
   TRAIN_SIZES="--seq-len 160 --batch 64 --k 16"; TRAIN_STEPS=10

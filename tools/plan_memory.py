@@ -15,7 +15,8 @@ import json
 import os
 import sys
 
-from distill import ConfigError, TrainConfig, add_config_args, check_config, n_regions
+from distill import (ConfigError, TrainConfig, add_config_args, check_config, n_regions,
+                     parse_with_recipe)
 from synthetic.teacher import DEFAULT_TEACHER
 
 # The memory plan: bytes per GPU, from config.json's fields alone (no weights read)
@@ -138,7 +139,7 @@ def main(argv=None):
     add_config_args(p)
     p.add_argument("--nproc", type=int, default=1, help="the number of processes (GPUs)")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory per process in GiB")
-    a = vars(p.parse_args(argv))
+    a = vars(parse_with_recipe(p, argv))
     nproc, gpu_mem = a.pop("nproc"), a.pop("gpu_mem")
     a.pop("plan")                       # distill.py's pointer to this tool; here it is the plan
     cfg = TrainConfig(**a)
