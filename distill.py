@@ -603,13 +603,14 @@ def check_resume(cfg):
 
 
 def load_samples(cfg, tok):
-    """(token ids of every training sample of cfg.data, where each one's answer starts)."""
+    """(token ids of every training sample of cfg.data, where each one's answer starts: only
+    with --supervise answer, else None; it encodes every prompt a second time)."""
     rows = load_dataset(cfg.data, "train", cfg.data if cfg.data.endswith(".jsonl") else None)
-    samples = [(s, answer_start(tok, r, s)) for s, r in ((sample_ids(tok, r), r) for r in rows)
-               if len(s) > 1]
+    samples = [(s, r) for s, r in ((sample_ids(tok, r), r) for r in rows) if len(s) > 1]
     if not samples:
         raise ConfigError(f"dataset {cfg.data!r} has no usable rows")
-    return [s for s, _ in samples], [a for _, a in samples]
+    starts = [answer_start(tok, r, s) for s, r in samples] if cfg.supervise == "answer" else None
+    return [s for s, _ in samples], starts
 
 
 def uses_bf16(device, cfg):
@@ -751,7 +752,7 @@ def step_batches(cfg, seqs, starts, stream, rng, rank, world, mtp_id, eos_id, de
         if not cfg.pretrain:
             k, offset = draw_k_offset(rng, cfg)
             n, m = batch_shape(cfg, batch)
-            answer = [starts[i] for i in ids] if cfg.supervise == "answer" else None
+            answer = None if starts is None else [starts[i] for i in ids]
             batch = pack(batch, k, offset, m, n, mtp_id, eos_id, answer).to(device)
         micro.append(batch)
     return micro
