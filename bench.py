@@ -34,9 +34,10 @@ import time
 
 import torch
 
-from data import (DataError, TokenizerError, check_vocab, extract_flexible, extract_strict,
-                  gold_answer, gsm8k, load_dataset, load_tokenizer, plain_prompt, same_number,
-                  same_tokenizer)
+from data import DataError, gsm8k, load_dataset, plain_prompt
+
+from compat.tokenizers import check_vocab, load_tokenizer, same_tokenizer, TokenizerError
+
 from decode import (DecodeError, PassTimer, add_sampling_args, check_output_path, check_request,
                     generate_batch, load_for_decoding, make_engine, resolve_device, row_seed)
 from model import CheckpointError
@@ -78,6 +79,36 @@ def make_prompter(fmt, tok):
 def cut_answer(text):
     """The model's answer ends where it starts a new question."""
     return text.split("Q:")[0]
+
+
+# -----------------------------------------------------------------------------
+# Reading the answers: GSM8K's "#### <number>", the model's last number or its "The answer is"
+
+NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def gold_answer(answer):
+    """The number after '####' in a GSM8K answer."""
+    return answer.split("####")[-1].strip().replace(",", "")
+
+
+def extract_flexible(text):
+    """The last number in the text (GSM8K 'flexible-extract')."""
+    nums = NUMBER.findall(text)
+    return nums[-1].replace(",", "").rstrip(".") if nums else None
+
+
+def extract_strict(text):
+    """The number after '#### ' or 'The answer is ' (GSM8K 'strict-match')."""
+    m = re.search(r"(?:####|The answer is)\s*\$?(-?[\d,]*\.?\d+)", text)
+    return m.group(1).replace(",", "") if m else None
+
+
+def same_number(a, b):
+    try:
+        return a is not None and float(a) == float(b)
+    except ValueError:
+        return False
 
 
 # -----------------------------------------------------------------------------

@@ -1,30 +1,24 @@
 """
-The data side of the method: the MTP packer (many k-token problems in one training sequence),
-prompts and answers, datasets, and tokenizers (all through tiktoken).
+The data side of the method: the MTP packer (many k-token problems in one training sequence,
+and the teacher's view of them), the prompt and sample of a question/answer row, datasets.
 
-    from data import pack, load_tokenizer, load_dataset
+    from data import load_dataset, pack, teacher_input
     batch = pack(seqs, k=4, offset=3, n_regions=5, seq_len=160, mtp_id=..., eos_id=...)
-    tok = load_tokenizer("gpt2")                 # or a checkpoint dir, a .tiktoken file
     rows = load_dataset("gsm8k", "train")        # [{"question", "answer"}], local file or download
     rows = load_dataset("synthetic", "train")    # built-in grade-school math (synthetic/)
 
-The `<MTP>` id belongs to the model (config.json's mtp_token_id), never to the tokenizer.
 `python -m tools.show_layout` prints the packed layout of one sample, slot by slot, from the
-functions below. Tokenizers of real checkpoints (HF tokenizer.json, Llama-3) are converted in
-compat/tokenizers.py; the synthetic problems and their tokenizer live in synthetic/.
+functions below. Tokenizers (all through tiktoken) are in compat/tokenizers.py; the synthetic
+problems and their tokenizer in synthetic/; bench.py reads the answers' numbers.
 """
-import base64
 import json
 import os
-import re
 from dataclasses import dataclass
 
-import tiktoken
 import torch
 
-
-class TokenizerError(ValueError):
-    """A tokenizer that cannot be loaded; the message names the file and the fix."""
+from compat.hub import cache_dir, download
+from synthetic.problems import SYNTHETIC_TEST_SEED, synthetic_problems
 
 
 class DataError(ValueError):
@@ -187,34 +181,6 @@ def answer_start(tok, row, ids):
     return n
 
 
-NUMBER = re.compile(r"-?[\d,]*\.?\d+")
-
-
-def gold_answer(answer):
-    """The number after '####' in a GSM8K answer."""
-    return answer.split("####")[-1].strip().replace(",", "")
-
-
-def extract_flexible(text):
-    """The last number in the text (GSM8K 'flexible-extract')."""
-    nums = NUMBER.findall(text)
-    return nums[-1].replace(",", "").rstrip(".") if nums else None
-
-
-def extract_strict(text):
-    """The number after '#### ' or 'The answer is ' (GSM8K 'strict-match')."""
-    m = re.search(r"(?:####|The answer is)\s*\$?(-?[\d,]*\.?\d+)", text)
-    return m.group(1).replace(",", "") if m else None
-
-
-def same_number(a, b):
-    try:
-        return a is not None and float(a) == float(b)
-    except ValueError:
-        return False
-
-
-
 # -----------------------------------------------------------------------------
 # Datasets: rows of {"question", "answer"}, the answer ending in "#### <number>" (GSM8K's format)
 
@@ -253,19 +219,17 @@ def jsonl_row(line, where):
 
 
 def gsm8k(split, path=None):
-    """GSM8K `split` ('train' | 'test'): from `path`, ../shared/data/gsm8k, the cache, or GitHub."""
+    """GSM8K `split` ('train' | 'test'): from `path`, else $MTP_CACHE/gsm8k/SPLIT.jsonl, which
+    is downloaded from GitHub the first time (compat/hub.py)."""
     if split not in ("train", "test"):
         raise DataError(f"GSM8K split must be 'train' or 'test', not {split!r}")
     if path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GSM8K file {path} does not exist")
         return read_jsonl(path)
-    here = os.path.dirname(os.path.abspath(__file__))
-    cache = os.path.join(os.environ.get("MTP_CACHE", os.path.expanduser("~/.cache/mtp")), "gsm8k")
-    for d in (os.path.join(here, "..", "shared", "data", "gsm8k"), cache):
-        if os.path.isfile(os.path.join(d, f"{split}.jsonl")):
-            return read_jsonl(os.path.join(d, f"{split}.jsonl"))
-    from compat.hub import download  # one downloader for weights and data
+    cache = os.path.join(cache_dir(), "gsm8k")
+    if os.path.isfile(os.path.join(cache, f"{split}.jsonl")):
+        return read_jsonl(os.path.join(cache, f"{split}.jsonl"))
     os.makedirs(cache, exist_ok=True)
     try:
         download(GSM8K_URL.format(split=split), os.path.join(cache, f"{split}.jsonl"))
@@ -274,11 +238,11 @@ def gsm8k(split, path=None):
                                 f"{split}.jsonl in {cache} or pass its path") from None
     return read_jsonl(os.path.join(cache, f"{split}.jsonl"))
 
+
 def load_dataset(name, split, path=None, limit=None):
     """'gsm8k' or 'synthetic' (a jsonl path works for either name via `path`); at most `limit`
     rows. Synthetic test = the first 200 of a held-out stream; a larger limit reads further on."""
     if name == "synthetic":
-        from synthetic.problems import SYNTHETIC_TEST_SEED, synthetic_problems
         return synthetic_problems(limit or (200 if split == "test" else 50_000),
                                   seed=SYNTHETIC_TEST_SEED if split == "test" else 0)
     if name == "gsm8k":
@@ -286,160 +250,3 @@ def load_dataset(name, split, path=None, limit=None):
     if path:
         return read_jsonl(path)[:limit]
     raise DataError(f"unknown dataset {name!r} (gsm8k, synthetic, or a .jsonl path)")
-
-
-# -----------------------------------------------------------------------------
-# Tokenizers
-
-# GPT-2's pre-tokenizer regex, and a variant that splits every digit into its own piece (the
-# SmolLM2 tokenizer does this, and it makes arithmetic easier to learn for our small models).
-# In the variant a run of spaces before a digit stays one piece, as HF's Digits-then-ByteLevel
-# pre-tokenizer leaves it.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-DIGITS_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-# chat formats: how one user turn and the start of the assistant's reply are written
-CHAT_FORMATS = {
-    "chatml": "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
-    "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
-              "<|start_header_id|>assistant<|end_header_id|>\n\n",
-}
-
-
-
-
-class Tokenizer:
-    """A tiktoken Encoding plus what the project needs to know around it: EOS, stop tokens, chat.
-
-    eos: the token that ends a training sample; stops: every token that ends generation;
-    chat: a key of CHAT_FORMATS or None (then prompts are plain text).
-    """
-
-    def __init__(self, enc, eos, stops=(), chat=None, bos=None):
-        self.enc, self.chat, self.bos = enc, chat, bos
-        self.eos_id = enc.encode_single_token(eos)
-        self.bos_id = enc.encode_single_token(bos) if bos else None
-        self.stop_ids = sorted({self.eos_id} | {enc.encode_single_token(s) for s in stops})
-
-    @property
-    def n_vocab(self):
-        return self.enc.n_vocab
-
-    def encode(self, text, special=False):
-        """special=True lets special tokens written in text (e.g. <|im_start|>) become their ids."""
-        return self.enc.encode(text, allowed_special="all" if special else set(), disallowed_special=())
-
-    def decode(self, ids):
-        return self.enc.decode(list(ids))
-
-    def prompt(self, text):
-        """Token ids that ask the model `text`, in the model's chat format if it has one."""
-        if self.chat is None:
-            return self.encode(text)
-        return self.encode(CHAT_FORMATS[self.chat].format(prompt=text), special=True)
-
-    def save(self, out_dir):
-        """tokenizer.tiktoken (ranks) + tokenizer_mtp.json (pattern, specials, eos, chat)."""
-        with open(os.path.join(out_dir, "tokenizer.tiktoken"), "w") as f:
-            for b, r in sorted(self.enc._mergeable_ranks.items(), key=lambda x: x[1]):
-                f.write(f"{base64.b64encode(b).decode()} {r}\n")
-        meta = {"name": self.enc.name, "pattern": self.enc._pat_str,
-                "special_tokens": self.enc._special_tokens, "eos": self.enc.decode([self.eos_id]),
-                "stops": [self.enc.decode([i]) for i in self.stop_ids], "chat": self.chat,
-                "bos": self.bos}
-        with open(os.path.join(out_dir, "tokenizer_mtp.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-
-
-def same_tokenizer(a, b):
-    """The same token ids for the same text: ranks, special tokens and split pattern alike."""
-    return (a.enc._mergeable_ranks == b.enc._mergeable_ranks and a.enc._pat_str == b.enc._pat_str
-            and a.enc._special_tokens == b.enc._special_tokens)
-
-
-def check_vocab(tok, cfg, where):
-    """Every id of the tokenizer must be a row of the model's vocabulary (config cfg), below its
-    <MTP> row: another model's tokenizer would index past the embedding, or train on <MTP>."""
-    rows = cfg.vocab_size if cfg.mtp_token_id is None else cfg.mtp_token_id
-    if tok.n_vocab > rows:
-        before = "" if cfg.mtp_token_id is None else " before <MTP>"
-        raise TokenizerError(f"{where}: its tokenizer has ids up to {tok.n_vocab - 1}, but the model "
-                             f"has {rows} token rows{before}: the tokenizer is another model's; put "
-                             "the model's own beside its weights")
-
-
-def read_ranks(path):
-    """A tiktoken ranks file: one `base64(token bytes) rank` per line."""
-    ranks = {}
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok)] = int(rank)
-            except ValueError:
-                raise TokenizerError(f"{path}:{n} is not a tiktoken ranks line "
-                                     "('<base64 token> <rank>')") from None
-    return ranks
-
-
-def gpt2_tokenizer(ranks_path=None):
-    """tiktoken's gpt2 encoding; offline, from a ranks file (e.g. ../shared/tokenizers/gpt2.tiktoken)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [ranks_path] if ranks_path else [
-        os.path.join(os.environ.get("MTP_CACHE", os.path.expanduser("~/.cache/mtp")), "gpt2.tiktoken"),
-        os.path.join(here, "..", "shared", "tokenizers", "gpt2.tiktoken")]
-    for path in candidates:
-        if path and os.path.isfile(path):
-            enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=read_ranks(path),
-                                    special_tokens={"<|endoftext|>": 50256})
-            return Tokenizer(enc, eos="<|endoftext|>")
-    if ranks_path:
-        raise TokenizerError(f"gpt2 ranks file {ranks_path} does not exist")
-    try:
-        return Tokenizer(tiktoken.get_encoding("gpt2"), eos="<|endoftext|>")
-    except Exception as e:
-        raise TokenizerError(f"tiktoken could not fetch the gpt2 encoding ({e}). Offline? Put "
-                             f"gpt2.tiktoken in {candidates[0]}") from None
-
-
-def load_tokenizer(spec):
-    """'gpt2', a .tiktoken ranks file, or a checkpoint directory holding one of: our
-    tokenizer.tiktoken + tokenizer_mtp.json, a HF tokenizer.json, a Llama-3 tokenizer.model."""
-    if spec == "gpt2":
-        return gpt2_tokenizer()
-    if os.path.isfile(spec):
-        if spec.endswith(".model"):
-            from compat.tokenizers import llama3_tokenizer
-            return llama3_tokenizer(spec)
-        return gpt2_tokenizer(spec)
-    if not os.path.isdir(spec):
-        raise TokenizerError(f"tokenizer {spec!r}: not 'gpt2', a file, or a checkpoint directory")
-    ours = os.path.join(spec, "tokenizer_mtp.json")
-    if os.path.isfile(ours):
-        try:
-            with open(ours, encoding="utf-8") as f:
-                meta = json.load(f)
-            enc = tiktoken.Encoding(meta["name"], pat_str=meta["pattern"],
-                                    mergeable_ranks=read_ranks(os.path.join(spec, "tokenizer.tiktoken")),
-                                    special_tokens=meta["special_tokens"])
-            return Tokenizer(enc, eos=meta["eos"], stops=meta.get("stops", ()), chat=meta.get("chat"),
-                             bos=meta.get("bos"))
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            if isinstance(e, TokenizerError):
-                raise
-            raise TokenizerError(f"{ours} (with tokenizer.tiktoken) is not a usable tokenizer: "
-                                 f"{e!r}; save it again with Tokenizer.save") from None
-    if os.path.isfile(os.path.join(spec, "tokenizer.model")):     # Llama-3's own tiktoken file
-        from compat.tokenizers import llama3_tokenizer
-        return llama3_tokenizer(os.path.join(spec, "tokenizer.model"))
-    if os.path.isfile(os.path.join(spec, "tokenizer.json")):      # a Hugging Face tokenizer
-        from compat.tokenizers import hf_json_tokenizer
-        return hf_json_tokenizer(os.path.join(spec, "tokenizer.json"))
-    cfg = os.path.join(spec, "config.json")
-    if os.path.isfile(cfg):
-        with open(cfg) as f:
-            if json.load(f).get("model_type") == "gpt2":
-                return gpt2_tokenizer()
-    raise TokenizerError(f"no tokenizer in {spec}: expected tokenizer_mtp.json + tokenizer.tiktoken, "
-                         "tokenizer.json or tokenizer.model")

@@ -31,8 +31,11 @@ from collections import Counter
 
 import torch
 
-from data import TokenizerError, check_vocab, load_tokenizer, plain_prompt
-from model import CheckpointError, KVCache, Transformer
+from data import plain_prompt
+
+from compat.tokenizers import check_vocab, load_tokenizer, TokenizerError
+from model import CheckpointError, KVCache
+from compat.hf import from_pretrained
 
 
 class DecodeError(ValueError):
@@ -738,7 +741,7 @@ def load_for_decoding(path, device, dtype="fp32"):
     """A checkpoint as the decoders run it: eval mode, on `device`, weights in `dtype`."""
     if dtype not in DTYPES:
         raise DecodeError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
-    return Transformer.from_pretrained(path, device=device, dtype=DTYPES[dtype]).eval()
+    return from_pretrained(path, device=device, dtype=DTYPES[dtype]).eval()
 
 
 def decode_one(model, ids, **kw):

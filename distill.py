@@ -36,9 +36,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import (DataError, TokenizerError, answer_start, check_vocab, load_dataset,
-                  load_tokenizer, pack, sample_ids, teacher_input)
+from data import answer_start, DataError, load_dataset, pack, sample_ids, teacher_input
+
+from compat.tokenizers import check_vocab, load_tokenizer, TokenizerError
 from model import CheckpointError, Config, Transformer
+from compat.hf import from_pretrained, save_pretrained
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TEACHER = os.path.join(HERE, "checkpoints", "synth-teacher")   # synthetic/teacher.py
@@ -431,7 +433,7 @@ def save_checkpoint(out, student, tok, state):
     tmp, final, old = (os.path.join(out, n) for n in ("ckpt.tmp", "ckpt", "ckpt.old"))
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        student.save_pretrained(tmp)
+        save_pretrained(student, tmp)
         tok.save(tmp)
         torch.save(state, os.path.join(tmp, "train_state.pt"))
     except OSError as e:
@@ -702,10 +704,10 @@ def load_models(cfg, device):
         init = resolve_checkpoint(init)
     tok = load_tokenizer(init)
     teacher_dtype = torch.bfloat16 if uses_bf16(device, cfg) else torch.float32
-    teacher = Transformer.from_pretrained(init, dtype=teacher_dtype, device=where)
+    teacher = from_pretrained(init, dtype=teacher_dtype, device=where)
     check_vocab(tok, teacher.cfg, init)
     teacher = teacher.requires_grad_(False).eval()
-    student = Transformer.from_pretrained(init, device=where)
+    student = from_pretrained(init, device=where)
     if student.cfg.mtp_token_id is None:
         student.add_mtp_token(seed=cfg.seed)
     elif not cfg.reuse_mtp:
@@ -726,7 +728,7 @@ def resume(cfg, rng, stream, device, master, tok):
     stream.pos = state["data_pos"]
     rng.setstate(state["rng"])
     torch.set_rng_state(state["torch_rng"])
-    student = Transformer.from_pretrained(ck, device=torch.device("cpu") if cfg.fsdp else device)
+    student = from_pretrained(ck, device=torch.device("cpu") if cfg.fsdp else device)
     check_vocab(tok, student.cfg, ck)
     if master:
         print(f"resumed {ck} at step {state['step']}", flush=True)

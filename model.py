@@ -1,46 +1,36 @@
 """
-One decoder for GPT-2 and Llama-family (Llama, Qwen2, Qwen3) checkpoints, read and written in
-the Hugging Face layout.
+One decoder for GPT-2 and Llama-family (Llama, Qwen2, Qwen3) models: the forward pass with
+explicit positions and attention masks, a KV cache that can drop its newest entries, and the
+<MTP> token.
 
-    from model import Transformer, KVCache
-    model = Transformer.from_pretrained("path/to/hf_dir")      # config.json + *.safetensors
+    from model import Config, Transformer, KVCache
+    model = Transformer(Config(...))                           # or compat.hf.from_pretrained(dir)
     logits = model(idx)                                        # plain causal LM, (B, T, V)
     logits = model(idx, pos=pos, mask=mask)                    # packed MTP training layout
     cache = KVCache(); logits = model(idx, cache=cache); cache.truncate(n)   # decoding
-    model.add_mtp_token(); model.save_pretrained("out_dir")    # still an ordinary HF checkpoint
+    model.add_mtp_token()                                      # one more vocabulary row
 
-Both architectures share one set of module names; `hf_layout` is the explicit map between our
-names and the checkpoint's, used for both loading and saving. Loading is strict: every expected
-tensor present, every shape checked, every unknown key an error that names it. Beside the core:
-compat/ (config.json field checks and RoPE spellings, hub downloads), fast/ (the static cache
-of CUDA-graph decoding, FlexAttention masks).
+Both architectures share one set of module names. Reading and writing Hugging Face checkpoints
+(config.json, safetensors, the name map between their tensors and ours) is compat/hf.py; the
+static cache of CUDA-graph decoding and FlexAttention masks are in fast/.
 """
-import json
 import math
-import os
 from dataclasses import dataclass, field, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 # -----------------------------------------------------------------------------
-# Config: read from (and written back to) a Hugging Face config.json
-
-ARCHS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-         "qwen3": "Qwen3ForCausalLM"}
-
+# Config: one dataclass (compat/hf.py reads it from, and writes it to, a config.json)
 
 class CheckpointError(ValueError):
     """A checkpoint or config that cannot be loaded; the message names the problem and the fix."""
 
 
-
 @dataclass
 class Config:
-    model_type: str = "llama"         # "gpt2" | "llama" | "qwen2" | "qwen3" (see ARCHS)
+    model_type: str = "llama"         # "gpt2" | "llama" | "qwen2" | "qwen3"
     vocab_size: int = 512
     n_layer: int = 4
     n_head: int = 4
@@ -51,7 +41,7 @@ class Config:
     max_seq_len: int = 1024
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # None or {"rope_type": "llama3", ...} (read_rope)
+    rope_scaling: dict | None = None  # None or {"rope_type": "llama3", ...}
     tie_embeddings: bool = True
     qkv_bias: bool = False
     o_bias: bool = False
@@ -64,66 +54,6 @@ class Config:
     def qk_norm(self):
         """qwen3: an RMSNorm over each head's queries and keys, before RoPE."""
         return self.model_type == "qwen3"
-
-    @classmethod
-    def from_hf(cls, d):
-        mt = d.get("model_type")
-        if mt not in ARCHS:
-            raise CheckpointError(f"unknown model_type {mt!r} in config.json "
-                                  f"(supported: {', '.join(ARCHS)})")
-        from compat.hf_config import check_fields, read_rope   # the field tables live there
-        check_fields(d, mt)             # every field read, fixed at our value, or harmless
-        ours = dict(model_type=mt, vocab_size=d["vocab_size"], mtp_token_id=d.get("mtp_token_id"),
-                    mtp_k_max=d.get("mtp_k_max"), hf=d)
-        if mt == "gpt2":
-            n_embd = d["n_embd"]
-            return cls(**ours, n_layer=d["n_layer"], n_head=d["n_head"], n_kv_head=d["n_head"],
-                       d_model=n_embd, head_dim=n_embd // d["n_head"],
-                       d_ff=d.get("n_inner") or 4 * n_embd, max_seq_len=d["n_positions"],
-                       norm_eps=d.get("layer_norm_epsilon", 1e-5),
-                       tie_embeddings=d.get("tie_word_embeddings", True), qkv_bias=True,
-                       o_bias=True, mlp_bias=True)
-        n_head = d["num_attention_heads"]
-        theta, scaling = read_rope(d)
-        # llama and qwen3: attention_bias puts a bias on q, k, v and o; qwen2: on q, k, v only
-        bias = d.get("attention_bias", False)
-        return cls(**ours, n_layer=d["num_hidden_layers"], n_head=n_head,
-                   n_kv_head=d.get("num_key_value_heads") or n_head, d_model=d["hidden_size"],
-                   head_dim=d.get("head_dim") or d["hidden_size"] // n_head,
-                   d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 2048),
-                   norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-                   tie_embeddings=d.get("tie_word_embeddings", False),
-                   qkv_bias=True if mt == "qwen2" else bias, o_bias=False if mt == "qwen2" else bias,
-                   mlp_bias=d.get("mlp_bias", False) if mt == "llama" else False)
-
-    def to_hf(self):
-        """The config.json dict: the original fields kept, ours updated."""
-        d = dict(self.hf)
-        if self.model_type == "gpt2":
-            d.update(model_type="gpt2", n_embd=self.d_model, n_layer=self.n_layer,
-                     n_head=self.n_head, n_positions=self.max_seq_len, n_inner=self.d_ff,
-                     layer_norm_epsilon=self.norm_eps, activation_function="gelu_new")
-        else:
-            # RoPE in both spellings, from the same values: transformers 4 reads only rope_theta
-            # and rope_scaling, transformers 5 reads rope_scaling if set, else rope_parameters
-            rope = self.rope_scaling or {"rope_type": "default"}
-            d.update(model_type=self.model_type, hidden_size=self.d_model,
-                     num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
-                     num_key_value_heads=self.n_kv_head, head_dim=self.head_dim,
-                     intermediate_size=self.d_ff, max_position_embeddings=self.max_seq_len,
-                     rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
-                     rope_scaling=self.rope_scaling,
-                     rope_parameters={**rope, "rope_theta": self.rope_theta}, hidden_act="silu")
-            if self.model_type == "llama":
-                d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-            if self.model_type == "qwen3":
-                d.update(attention_bias=self.qkv_bias)
-        d.update(architectures=[ARCHS[self.model_type]], vocab_size=self.vocab_size,
-                 tie_word_embeddings=self.tie_embeddings)
-        for name in ("mtp_token_id", "mtp_k_max"):
-            if getattr(self, name) is not None:
-                d[name] = getattr(self, name)
-        return d
 
     def summary(self):
         return {k: v for k, v in asdict(self).items() if k != "hf"}
@@ -384,180 +314,3 @@ class Transformer(nn.Module):
         self.cfg.mtp_token_id = self.cfg.vocab_size
         self.cfg.vocab_size += 1
         return self.cfg.mtp_token_id
-
-    # --- Hugging Face checkpoints ---
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """Load a local HF directory, or download a hub name (e.g. "gpt2") to $MTP_CACHE first."""
-        if not os.path.isdir(path):                     # a hub name such as "gpt2"
-            from compat.hub import resolve_checkpoint
-            path = resolve_checkpoint(path)
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise CheckpointError(f"no config.json in {path}: a checkpoint directory needs "
-                                  "config.json and model.safetensors (or a sharded index)")
-        try:
-            with open(cfg_file, encoding="utf-8") as f:
-                d = json.load(f)
-            if not isinstance(d, dict):
-                raise CheckpointError(f"{cfg_file} is not a JSON object of config fields")
-            cfg = Config.from_hf(d)
-        except (ValueError, KeyError) as e:     # ValueError: not JSON, not UTF-8
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{cfg_file} is not a usable config: {e!r}") from None
-        with torch.device("meta"):
-            model = cls(cfg)
-        hf = read_safetensors(path)
-        state = {}
-        for ours, (names, transpose) in hf_layout(cfg).items():
-            missing = [n for n in names if n not in hf]
-            if missing:
-                raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the checkpoint")
-            parts = [hf.pop(n) for n in names]
-            parts = [p.t() if transpose else p for p in parts]
-            state[ours] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-        if cfg.tie_embeddings and "lm_head.weight" in hf:   # some tied checkpoints store it too
-            if not torch.equal(hf.pop("lm_head.weight"), state["embed.weight"]):
-                raise CheckpointError(f"{path}: config says tie_word_embeddings but lm_head.weight "
-                                      "differs from the input embedding")
-        for name in list(hf):                               # known non-parameter buffers
-            if name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
-                hf.pop(name)
-        if hf:
-            raise CheckpointError(f"{path}: unexpected tensor {sorted(hf)[0]!r} "
-                                  f"({len(hf)} unknown keys); not a {cfg.model_type} checkpoint "
-                                  "of this configuration?")
-        expected = {n: p.shape for n, p in model.named_parameters()}
-        for n, shape in expected.items():
-            if state[n].shape != shape:
-                raise CheckpointError(f"{path}: {n} has shape {tuple(state[n].shape)}, the config "
-                                      f"implies {tuple(shape)}")
-        if cfg.tie_embeddings:
-            state["lm_head.weight"] = state["embed.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
-        if cfg.tie_embeddings:
-            model.lm_head.weight = model.embed.weight   # assign=True replaced both: tie again
-        if cfg.model_type != "gpt2":
-            model.inv_freq = rope_inv_freq(cfg)
-        return model.to(device=device, dtype=dtype)
-
-    def save_pretrained(self, out_dir, extra_files=None):
-        """Write config.json + model.safetensors (each atomically); extra_files: {name: text}."""
-        os.makedirs(out_dir, exist_ok=True)
-        own = {n: p.detach() for n, p in self.named_parameters()}  # tied lm_head appears once
-        tensors = {}
-        for ours, (names, transpose) in hf_layout(self.cfg).items():
-            w = own[ours]
-            sizes = hf_split_sizes(self.cfg, ours)
-            parts = w.split(sizes, 0) if sizes else [w]
-            for n, p in zip(names, parts):
-                tensors[n] = (p.t() if transpose else p).contiguous().cpu()
-        tmp = os.path.join(out_dir, "model.safetensors.tmp")
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)          # safetensors creates it owner-only; a checkpoint is shared
-        os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
-        cfg = self.cfg.to_hf()
-        # transformers 5 reads "dtype" before "torch_dtype" (4 reads only the latter): write both,
-        # or a stale "dtype" kept from the original config would load an fp32 save as bf16
-        cfg["torch_dtype"] = cfg["dtype"] = str(self.embed.weight.dtype).removeprefix("torch.")
-        files = {"config.json": json.dumps(cfg, indent=2) + "\n", **(extra_files or {})}
-        for name, text in files.items():
-            atomic_write(os.path.join(out_dir, name), text)
-
-
-def atomic_write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-# -----------------------------------------------------------------------------
-# The explicit name map between our parameters and the HF checkpoint's tensors
-
-def hf_layout(cfg):
-    """{our name: ([HF names, concatenated along dim 0 in this order], transpose?)}.
-
-    GPT-2 stores Conv1D weights as (in, out): transposed on load and on save. Llama's separate
-    q/k/v and gate/up projections are fused here into one matrix each.
-    """
-    L = {}
-    if cfg.model_type == "gpt2":
-        L["embed.weight"] = (["transformer.wte.weight"], False)
-        L["pos_embed.weight"] = (["transformer.wpe.weight"], False)
-        for i in range(cfg.n_layer):
-            h, b = f"transformer.h.{i}", f"blocks.{i}"
-            for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2")]:
-                L[f"{b}.{ours}.weight"] = ([f"{h}.{theirs}.weight"], False)
-                L[f"{b}.{ours}.bias"] = ([f"{h}.{theirs}.bias"], False)
-            for ours, theirs in [("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                                 ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")]:
-                L[f"{b}.{ours}.weight"] = ([f"{h}.{theirs}.weight"], True)
-                L[f"{b}.{ours}.bias"] = ([f"{h}.{theirs}.bias"], False)
-        L["norm.weight"] = (["transformer.ln_f.weight"], False)
-        L["norm.bias"] = (["transformer.ln_f.bias"], False)
-    else:
-        L["embed.weight"] = (["model.embed_tokens.weight"], False)
-        for i in range(cfg.n_layer):
-            h, b = f"model.layers.{i}", f"blocks.{i}"
-            L[f"{b}.norm1.weight"] = ([f"{h}.input_layernorm.weight"], False)
-            L[f"{b}.norm2.weight"] = ([f"{h}.post_attention_layernorm.weight"], False)
-            qkv = [f"{h}.self_attn.{p}_proj" for p in "qkv"]
-            L[f"{b}.attn.qkv.weight"] = ([n + ".weight" for n in qkv], False)
-            if cfg.qkv_bias:
-                L[f"{b}.attn.qkv.bias"] = ([n + ".bias" for n in qkv], False)
-            L[f"{b}.attn.proj.weight"] = ([f"{h}.self_attn.o_proj.weight"], False)
-            if cfg.qk_norm:
-                L[f"{b}.attn.q_norm.weight"] = ([f"{h}.self_attn.q_norm.weight"], False)
-                L[f"{b}.attn.k_norm.weight"] = ([f"{h}.self_attn.k_norm.weight"], False)
-            if cfg.o_bias:
-                L[f"{b}.attn.proj.bias"] = ([f"{h}.self_attn.o_proj.bias"], False)
-            fc = [f"{h}.mlp.gate_proj", f"{h}.mlp.up_proj"]
-            L[f"{b}.mlp.fc.weight"] = ([n + ".weight" for n in fc], False)
-            L[f"{b}.mlp.proj.weight"] = ([f"{h}.mlp.down_proj.weight"], False)
-            if cfg.mlp_bias:
-                L[f"{b}.mlp.fc.bias"] = ([n + ".bias" for n in fc], False)
-                L[f"{b}.mlp.proj.bias"] = ([f"{h}.mlp.down_proj.bias"], False)
-        L["norm.weight"] = (["model.norm.weight"], False)
-    if not cfg.tie_embeddings:
-        L["lm_head.weight"] = (["lm_head.weight"], False)
-    return L
-
-
-def hf_split_sizes(cfg, ours):
-    """Row counts of the HF tensors fused into our tensor `ours` (None if not fused)."""
-    if ours.endswith("attn.qkv.weight") or ours.endswith("attn.qkv.bias"):
-        if cfg.model_type != "gpt2":
-            return [cfg.n_head * cfg.head_dim] + 2 * [cfg.n_kv_head * cfg.head_dim]
-    if ours.endswith("mlp.fc.weight") or ours.endswith("mlp.fc.bias"):
-        if cfg.model_type != "gpt2":
-            return [cfg.d_ff, cfg.d_ff]
-    return None
-
-
-def read_safetensors(path):
-    """All tensors of model.safetensors, or of every shard listed in model.safetensors.index.json."""
-    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        files = [single]
-    elif os.path.isfile(index):
-        with open(index) as f:
-            files = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
-    else:
-        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    tensors = {}
-    for fn in files:
-        if not os.path.isfile(fn):
-            raise CheckpointError(f"shard {fn} listed in the index is missing")
-        try:
-            with safe_open(fn, framework="pt") as f:
-                for k in f.keys():
-                    tensors[k] = f.get_tensor(k)
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise CheckpointError(f"cannot read {fn}: {e}") from None
-    if any(k.startswith("h.") or k in ("wte.weight", "wpe.weight") for k in tensors):
-        tensors = {"transformer." + k if not k.startswith("lm_head") else k: v
-                   for k, v in tensors.items()}     # the canonical gpt2 file has no prefix
-    return tensors

@@ -1,14 +1,14 @@
 """
 config.json compatibility: which fields of a Hugging Face config this code reads, which it
 accepts only at the value it computes, which it knows not to change the logits, and RoPE in
-both generations' spellings. model.Config.from_hf calls check_fields and read_rope.
+both generations' spellings. compat/hf.py (config_from_hf) calls check_fields and read_rope.
 
 A field we do not understand may change the computation: it is an error that names it, never
 silently ignored (transformers 5's `rope_parameters` once loaded silently wrong elsewhere).
 """
 from model import CheckpointError
 
-# Every field of a config.json is either read by Config.from_hf (READ), allowed only at the value
+# Every field of a config.json is either read by config_from_hf (READ), allowed only at the value
 # this code computes (FIXED), or known not to change the logits (HARMLESS). Any other field is an
 # error: a field we do not understand may change the computation, and ignoring it would load the
 # checkpoint silently wrong (as transformers 5's `rope_parameters` once did).

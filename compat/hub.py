@@ -1,7 +1,7 @@
 """
 Hub names: download a checkpoint's config.json + safetensors (+ tokenizer files), or a data
 file, with the standard library, into $MTP_CACHE (default ~/.cache/mtp). Offline, the errors
-say which files to put where. model.Transformer.from_pretrained calls resolve_checkpoint for a
+say which files to put where. compat.hf.from_pretrained calls resolve_checkpoint for a
 name that is not a local directory; data.gsm8k calls download when no local copy exists.
 """
 import json

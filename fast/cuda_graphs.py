@@ -8,7 +8,6 @@ import time
 
 import torch
 
-from decode import DecodeError
 from model import KVCache
 
 
@@ -68,7 +67,8 @@ class CudaGraphs:
         B, T = idx.shape
         L, device = len(self.cache), idx.device
         if L + T > self.capacity:
-            raise DecodeError(f"the static cache holds {self.capacity} slots; this pass needs {L + T}")
+            raise ValueError(f"the static cache holds {self.capacity} slots; this pass needs {L + T}: "
+                             "make the engine with a larger capacity")
         if pos is None:                                   # no padding: positions continue the cache
             pos = torch.arange(L, L + T, device=device).expand(B, T)
         slot = torch.arange(self.capacity, device=device)

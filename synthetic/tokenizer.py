@@ -5,7 +5,9 @@ train_bpe (deterministic, so it can always be rebuilt; every checkpoint saves it
 import regex  # a dependency of tiktoken: the \p{L} classes of its patterns
 import tiktoken
 
-from data import DIGITS_PATTERN, Tokenizer, plain_prompt
+from data import plain_prompt
+
+from compat.tokenizers import DIGITS_PATTERN, Tokenizer
 from synthetic.problems import synthetic_problems
 
 

@@ -5,10 +5,19 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared")
 sys.path.insert(0, ROOT)
 
+from compat.hub import cache_dir  # noqa: E402
 from model import Config, Transformer  # noqa: E402
+
+# Real files, for the tests that need them (each skips without its file): where the code looks
+# for them offline, $MTP_CACHE (.ci/run points it at a folder that holds them)
+CACHE = cache_dir()
+GPT2_RANKS = os.path.join(CACHE, "gpt2.tiktoken")
+GSM8K_TRAIN = os.path.join(CACHE, "gsm8k", "train.jsonl")
+GSM8K_TEST = os.path.join(CACHE, "gsm8k", "test.jsonl")
+SMOLLM2_GGUF = os.path.join(CACHE, "SmolLM2-135M-Instruct.Q4_1.gguf")
+from compat.hf import save_pretrained
 
 
 def tiny_config(model_type="llama", tie=True, gqa=True, vocab=61, **kw):
@@ -44,7 +53,7 @@ def save_tiny_mtp_checkpoint(path, k_max=3):
     m = Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256))
     m.add_mtp_token()
     m.cfg.mtp_k_max = k_max
-    m.save_pretrained(path)
+    save_pretrained(m, path)
     tok.save(path)
 
 
@@ -60,7 +69,7 @@ def tiny_init(tmp_path_factory):
     d = tmp_path_factory.mktemp("init")
     torch.manual_seed(0)
     tok = synthetic_tokenizer()
-    Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256)).save_pretrained(d)
+    save_pretrained(Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256)), d)
     tok.save(d)
     return str(d)
 

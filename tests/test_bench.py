@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from bench import fewshot_prefix, mean_se, main
-from conftest import SHARED, save_tiny_mtp_checkpoint, tiny_config
+from conftest import GSM8K_TRAIN, save_tiny_mtp_checkpoint, tiny_config
 from model import Transformer
+from compat.hf import save_pretrained
 
 
 def test_mean_se():
@@ -16,8 +17,8 @@ def test_mean_se():
     assert mean_se([1.0, 1.0]) == (1.0, 0.0)
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED, "data", "gsm8k", "train.jsonl")),
-                    reason="needs ../shared/data/gsm8k/train.jsonl (the exemplars come from GSM8K train)")
+@pytest.mark.skipif(not os.path.isfile(GSM8K_TRAIN),
+                    reason=f"needs {GSM8K_TRAIN} (the exemplars come from GSM8K train)")
 def test_fewshot_prompt_uses_train_exemplars_only():
     prefix = fewshot_prefix(2)
     assert prefix.count("Q: ") == 2 and "Let's think step by step." in prefix
@@ -187,7 +188,7 @@ def test_output_path_tokenizers_and_lists_are_checked_before_any_work(tmp_path, 
     from synthetic.tokenizer import synthetic_tokenizer
     ckpt, other = tmp_path / "ckpt", tmp_path / "other"
     save_tiny_mtp_checkpoint(ckpt)
-    Transformer(tiny_config(vocab=512, max_seq_len=256)).save_pretrained(other)
+    save_pretrained(Transformer(tiny_config(vocab=512, max_seq_len=256)), other)
     synthetic_tokenizer(400).save(other)              # fits the vocabulary, but other ids
     run = ["--ckpt", str(ckpt), "--limit", "2", "--static", "1", "--taus", "", "--max-new", "4"]
 

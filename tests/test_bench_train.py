@@ -8,12 +8,13 @@ import torch
 from tools.bench_train import (load_samples, main, make_batches, mtp_train_step, ntp_inputs, parse_args,
                          peak_tflops)
 from conftest import assert_exits, tiny_config
-from data import load_tokenizer
+from compat.tokenizers import load_tokenizer
 from distill import load_models, lr_at, sample_stream, supervised_weight, train
 from synthetic.problems import synthetic_problems
 from synthetic.tokenizer import synthetic_tokenizer
 from distill import parse_args as distill_args
 from model import Transformer
+from compat.hf import from_pretrained, save_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench_train")
     torch.manual_seed(0)
     tok = synthetic_tokenizer()
-    Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256)).save_pretrained(d / "init")
+    save_pretrained(Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256)), d / "init")
     tok.save(d / "init")
     with open(d / "rows.jsonl", "w") as f:
         for row in synthetic_problems(40, seed=5):
@@ -83,7 +84,7 @@ def test_mtp_step_is_distills_first_step(tiny, tmp_path):
     denom = supervised_weight(P, cfg).sum().clamp(min=1)
     mtp_train_step(student, teacher, opt, P, denom, cfg, student.cfg.mtp_token_id, tok.eos_id,
                    torch.autocast("cpu", enabled=False))
-    ours, theirs = student.state_dict(), Transformer.from_pretrained(str(tmp_path / "ckpt")).state_dict()
+    ours, theirs = student.state_dict(), from_pretrained(str(tmp_path / "ckpt")).state_dict()
     for name in theirs:
         assert torch.equal(ours[name], theirs[name]), name
     assert not torch.equal(ours["blocks.0.mlp.fc.weight"], teacher.state_dict()["blocks.0.mlp.fc.weight"])

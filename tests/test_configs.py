@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import tiny_config
-from model import CheckpointError, Config, Transformer
+from model import CheckpointError, Transformer
+from compat.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained
 
 # -----------------------------------------------------------------------------
 # config.json files, written literally. V4: as transformers 4.46 (4.51 for qwen3, the first with
@@ -404,7 +405,7 @@ def max_diff(a, b):
 @pytest.mark.parametrize("name,gen,d", CASES, ids=IDS)
 def test_checkpoint_matches_the_naive_forward(tmp_path, name, gen, d):
     tensors = hf_tensors(d)
-    model = Transformer.from_pretrained(write_checkpoint(tmp_path, d, tensors))
+    model = from_pretrained(write_checkpoint(tmp_path, d, tensors))
     with torch.no_grad():
         ours = model(IDX)[0]
     ref = naive_logits(d, ROPE[name], tensors, IDX[0].tolist())
@@ -415,17 +416,17 @@ def test_checkpoint_matches_the_naive_forward(tmp_path, name, gen, d):
 
 @pytest.mark.parametrize("name", list(V4))
 def test_both_generations_read_to_the_same_model_and_we_write_both_spellings(tmp_path, name):
-    a, b = Config.from_hf(V4[name]), Config.from_hf(V5[name])
+    a, b = config_from_hf(V4[name]), config_from_hf(V5[name])
     assert a.summary() == b.summary()
-    out = Config.from_hf(V5[name]).to_hf()
+    out = config_to_hf(config_from_hf(V5[name]))
     if name != "gpt2":
         # the transformers-4 spelling exactly as 4.x writes it, the transformers-5 one as 5.x does
         assert (out["rope_theta"], out["rope_scaling"]) == (V4[name]["rope_theta"], V4[name]["rope_scaling"])
         assert out["rope_parameters"] == V5[name]["rope_parameters"]
         for drop in (("rope_parameters",), ("rope_theta", "rope_scaling")):   # each one alone
             alone = {k: v for k, v in out.items() if k not in drop}
-            assert Config.from_hf(alone).summary() == a.summary()
-    assert Config.from_hf(out).summary() == a.summary()
+            assert config_from_hf(alone).summary() == a.summary()
+    assert config_from_hf(out).summary() == a.summary()
 
 
 def test_qwen3_round_trip_and_kv_cache(tmp_path):
@@ -433,13 +434,13 @@ def test_qwen3_round_trip_and_kv_cache(tmp_path):
     from model import KVCache
     torch.manual_seed(0)
     m = Transformer(tiny_config("qwen3", head_dim=16, tie=False)).eval()
-    m.save_pretrained(tmp_path)
+    save_pretrained(m, tmp_path)
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["model_type"] == "qwen3" and saved["head_dim"] == 16
     from safetensors import safe_open
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         assert "model.layers.1.self_attn.k_norm.weight" in f.keys()
-    m2 = Transformer.from_pretrained(str(tmp_path))
+    m2 = from_pretrained(str(tmp_path))
     assert torch.equal(m(IDX), m2(IDX))
     cache = KVCache()
     steps = torch.cat([m(IDX[:, i:i + 1], cache=cache) for i in range(IDX.size(1))], 1)
@@ -493,14 +494,14 @@ def test_fields_that_change_the_computation_are_errors(tmp_path, d, changes, mes
     d = {**d, **changes}
     path = write_checkpoint(tmp_path, d, {})
     with pytest.raises(CheckpointError, match=message):
-        Transformer.from_pretrained(path)
+        from_pretrained(path)
 
 
 def test_saved_dtype_is_the_weights_dtype_in_both_spellings(tmp_path):
     """transformers 5 reads "dtype" before "torch_dtype": a bf16 config saved in fp32 must say so
     in both, or transformers 5 would load the fp32 save as bf16."""
     d = {**V5["qwen3"], "dtype": "bfloat16"}
-    Transformer.from_pretrained(write_checkpoint(tmp_path / "in", d, hf_tensors(d))).save_pretrained(tmp_path / "out")
+    save_pretrained(from_pretrained(write_checkpoint(tmp_path / "in", d, hf_tensors(d))), tmp_path / "out")
     written = json.load(open(tmp_path / "out" / "config.json"))
     assert written["dtype"] == written["torch_dtype"] == "float32"
 
@@ -509,7 +510,7 @@ def test_harmless_fields_are_accepted():
     """Dropout (off at eval), token ids, dtype and bookkeeping do not change the logits."""
     d = {**V5["qwen3"], "attention_dropout": 0.1, "eos_token_id": [1, 2], "dtype": "bfloat16",
          "_name_or_path": "x", "output_hidden_states": False}
-    assert Config.from_hf(d).summary() == Config.from_hf(V5["qwen3"]).summary()
+    assert config_from_hf(d).summary() == config_from_hf(V5["qwen3"]).summary()
 
 
 # -----------------------------------------------------------------------------
@@ -531,18 +532,18 @@ def test_against_transformers_both_ways(tmp_path, name, gen, d):
     pytest.importorskip("transformers")
     literal = write_checkpoint(tmp_path / "literal", d, hf_tensors(d))
     hf, theirs = hf_logits(literal, dtype=torch.float32)   # published configs say bfloat16
-    ours_model = Transformer.from_pretrained(literal)
+    ours_model = from_pretrained(literal)
     with torch.no_grad():
         ours = ours_model(IDX)[0]
     diffs = {"same files": max_diff(ours, theirs)}
     # HF -> ours: what the installed transformers writes (its own spelling), read by us
     hf.save_pretrained(tmp_path / "by_hf")
     with torch.no_grad():
-        diffs["saved by HF -> ours"] = max_diff(Transformer.from_pretrained(str(tmp_path / "by_hf"))(IDX)[0], theirs)
+        diffs["saved by HF -> ours"] = max_diff(from_pretrained(str(tmp_path / "by_hf"))(IDX)[0], theirs)
     # ours -> HF: what we write, read by transformers with its defaults (dtype "auto": our fp32
     # save must say float32); and each rope spelling alone, as a reader of only that spelling
     # (transformers 4: rope_theta/rope_scaling) would see it
-    ours_model.save_pretrained(tmp_path / "by_us")
+    save_pretrained(ours_model, tmp_path / "by_us")
     diffs["saved by us -> HF"] = max_diff(hf_logits(str(tmp_path / "by_us"))[1], ours)
     written = json.load(open(tmp_path / "by_us" / "config.json"))
     if name != "gpt2":
@@ -566,7 +567,7 @@ def test_transformers_loads_a_model_we_built(tmp_path, kw):
     torch.manual_seed(0)
     m = Transformer(tiny_config(**kw)).eval()
     m.add_mtp_token()
-    m.save_pretrained(tmp_path)
+    save_pretrained(m, tmp_path)
     with torch.no_grad():
         diff = max_diff(hf_logits(str(tmp_path))[1], m(IDX)[0])
     print(f"\nbuilt here, {kw['model_type']}: ours -> HF max|diff| {diff:.2e}")
@@ -583,17 +584,17 @@ def test_distill_and_decode_a_qwen3_checkpoint(tmp_path, capsys):
     init = tmp_path / "init"
     tok = synthetic_tokenizer()
     torch.manual_seed(0)
-    Transformer(tiny_config("qwen3", vocab=tok.n_vocab, head_dim=16, max_seq_len=256)).save_pretrained(init)
+    save_pretrained(Transformer(tiny_config("qwen3", vocab=tok.n_vocab, head_dim=16, max_seq_len=256)), init)
     tok.save(init)
     student = train(parse_args(["--init", str(init), "--out", str(tmp_path / "run"), "--k", "3",
                                 "--steps", "3", "--seq-len", "64", "--micro-batch", "2",
                                 "--step-tokens", "128", "--threads", "1"]))
     assert student.cfg.model_type == "qwen3" and student.cfg.mtp_token_id == tok.n_vocab
     ckpt = tmp_path / "run" / "ckpt"
-    m = Transformer.from_pretrained(str(ckpt))
+    m = from_pretrained(str(ckpt))
     assert m.cfg.model_type == "qwen3" and m.blocks[0].attn.q_norm is not None
     assert not torch.equal(m.blocks[0].attn.q_norm.weight,               # q_norm is trained too
-                           Transformer.from_pretrained(str(init)).blocks[0].attn.q_norm.weight)
+                           from_pretrained(str(init)).blocks[0].attn.q_norm.weight)
     decode.main(["--ckpt", str(ckpt), "--prompt", "Ava has 3 apples. She buys 4 more. How many?",
                  "--max-new", "12", "--tau", "0.5"])
     out = capsys.readouterr().out

@@ -1,5 +1,5 @@
 """
-tools/convert_gguf.py on the real SmolLM2-135M-Instruct GGUF (../shared/models), CPU, ~20 s on 2 cores.
+tools/convert_gguf.py on the real SmolLM2-135M-Instruct GGUF ($MTP_CACHE, as tests/conftest.py says), CPU, ~20 s on 2 cores.
 
     python -m pytest -q tests/test_convert_gguf.py -s      # -s shows the model's greedy reply
 
@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from tools import convert_gguf
-from conftest import ROOT, SHARED
-from data import load_tokenizer, read_jsonl
-from model import KVCache, Transformer, apply_rope
+from conftest import GSM8K_TEST, ROOT, SMOLLM2_GGUF
+from data import read_jsonl
+from compat.tokenizers import load_tokenizer
+from model import KVCache, apply_rope
+from compat.hf import from_pretrained
 
-GGUF = os.path.join(SHARED, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
-GSM8K_TEST = os.path.join(SHARED, "data", "gsm8k", "test.jsonl")
+GGUF = SMOLLM2_GGUF
 
 
 # -----------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def out_dir(reader, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(out_dir):
-    return Transformer.from_pretrained(out_dir).eval()
+    return from_pretrained(out_dir).eval()
 
 
 @pytest.fixture(scope="module")

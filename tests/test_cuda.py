@@ -8,7 +8,7 @@ from data import pack
 from decode import decode_one, generate
 from distill import (autocast, load_models, load_samples, mtp_step, n_regions, parse_args,
                      supervised_weight, train)
-from model import Transformer
+from compat.hf import from_pretrained
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -51,7 +51,7 @@ def test_training_on_cuda_writes_a_loadable_checkpoint(tiny_init, tmp_path):
         train(parse_args(["--init", tiny_init, "--out", str(out), "--k", "4", "--seq-len", "64",
                           "--micro-batch", "4", "--step-tokens", "256", "--steps", "3",
                           "--device", "cuda", "--precision", precision]))
-        m = Transformer.from_pretrained(str(out / "ckpt"))
+        m = from_pretrained(str(out / "ckpt"))
         assert m.cfg.mtp_token_id is not None
         assert all(torch.isfinite(p).all() for p in m.parameters())
 

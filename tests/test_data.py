@@ -7,21 +7,21 @@ import random
 import pytest
 import torch
 
-from conftest import SHARED, tiny_model
-from data import (DataError, TokenizerError, Tokenizer, extract_flexible, extract_strict, gold_answer,
-                  same_number, gpt2_tokenizer, gsm8k, load_dataset, load_tokenizer, pack, read_jsonl, teacher_input)
+from conftest import GPT2_RANKS, GSM8K_TEST, tiny_model
+from data import DataError, gsm8k, load_dataset, pack, read_jsonl, teacher_input
+from compat.tokenizers import gpt2_tokenizer, load_tokenizer, Tokenizer, TokenizerError
+from bench import extract_flexible, extract_strict, gold_answer, same_number
 from compat.tokenizers import llama3_tokenizer
 from synthetic.problems import synthetic_problems
 from synthetic.tokenizer import synthetic_tokenizer, train_bpe
 
-GPT2_RANKS = os.path.join(SHARED, "tokenizers", "gpt2.tiktoken")
-GSM8K_TEST = os.path.join(SHARED, "data", "gsm8k", "test.jsonl")
-needs_shared = pytest.mark.skipif(not os.path.isfile(GPT2_RANKS), reason="../shared not present")
+needs_files = pytest.mark.skipif(not (os.path.isfile(GPT2_RANKS) and os.path.isfile(GSM8K_TEST)),
+                                 reason="needs gpt2.tiktoken and gsm8k/test.jsonl in $MTP_CACHE")
 
 # --- tokenizers ---
 
 
-@needs_shared
+@needs_files
 def test_gpt2_tokenizer_from_the_ranks_file():
     tok = gpt2_tokenizer(GPT2_RANKS)
     assert tok.encode("Hello world") == [15496, 995]
@@ -139,7 +139,7 @@ def test_synthetic_generator():
     assert load_dataset("synthetic", "test", limit=300)[:200] == load_dataset("synthetic", "test")
 
 
-@needs_shared
+@needs_files
 def test_gsm8k_local_and_errors(tmp_path):
     rows = gsm8k("test")
     assert len(rows) == 1319 and gold_answer(rows[0]["answer"]) == "18"
@@ -260,7 +260,7 @@ def test_pack_uses_the_last_eos_when_the_prompt_contains_it_too():
 
 def test_pre_tokenizer_patterns_from_tokenizer_json():
     from compat.tokenizers import LLAMA3_PATTERN, pre_tokenizer_pattern
-    from data import DIGITS_PATTERN, GPT2_PATTERN
+    from compat.tokenizers import DIGITS_PATTERN, GPT2_PATTERN
     split = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated"},
         {"type": "ByteLevel", "use_regex": False}]}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import mtp_model, tiny_model
+from compat.hf import from_pretrained, save_pretrained
 from decode import DecodeError, accept_confadapt, accept_static, decode_one, generate, generate_batch, main
 
 
@@ -162,7 +163,7 @@ def test_bad_input_messages():
 
 def test_cli_errors_are_messages(tmp_path, capsys):
     m = tiny_model()
-    m.save_pretrained(tmp_path)
+    save_pretrained(m, tmp_path)
     with pytest.raises(SystemExit) as e:
         main(["--ckpt", str(tmp_path), "--prompt", "x", "--tau", "0.5"])
     assert e.value.code == 2
@@ -316,11 +317,11 @@ def test_commit_row_by_hand():
 def test_verified_on_the_embedded_teacher():
     """The embedded teacher with <MTP> added (the student at step 0): a real model, whose next
     token depends on everything the cache holds, verified at every rule equals its own k=1."""
-    from data import load_tokenizer, plain_prompt
+    from data import plain_prompt
+    from compat.tokenizers import load_tokenizer
     from synthetic.problems import synthetic_problems
     from distill import DEFAULT_TEACHER
-    from model import Transformer
-    m = Transformer.from_pretrained(DEFAULT_TEACHER).eval()
+    m = from_pretrained(DEFAULT_TEACHER).eval()
     m.add_mtp_token()
     m.cfg.mtp_k_max = 4
     tok = load_tokenizer(DEFAULT_TEACHER)
@@ -402,7 +403,7 @@ def test_cli_checks_paths_devices_and_vocabularies_before_any_work(tmp_path, cap
         assert_exits(main, run + ["--viz-html", str(tmp_path)], "is a folder", capsys)
     assert_exits(main, run + ["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N", capsys)
     small = tmp_path / "small"
-    Transformer(tiny_config(vocab=100)).save_pretrained(small)
+    save_pretrained(Transformer(tiny_config(vocab=100)), small)
     synthetic_tokenizer().save(small)
     assert_exits(main, run[:1] + [str(small)] + run[2:4] + ["--static-k", "1"],
                  "its tokenizer has ids up to 511, but the model has 100 token rows", capsys)

@@ -1,5 +1,4 @@
 """distill.py: the losses against naive loops, exact resume, DDP, and bad-input messages."""
-import itertools
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from conftest import assert_exits, ROOT, tiny_config
 import distill
 from distill import TrainConfig, hard_ce, lr_at, main, parse_args, plan_steps, soft_kl, train
 from model import Transformer
+from compat.hf import from_pretrained, save_pretrained
 
 
 def test_hard_ce_equals_naive_loop():
@@ -49,7 +49,7 @@ def run_args(init, out, *extra):
 
 
 def weights(path):
-    return Transformer.from_pretrained(path).state_dict()
+    return from_pretrained(path).state_dict()
 
 
 @pytest.mark.parametrize("mode", [[], ["--teacher", "soft"], ["--targets", "data", "--fixed-k"],
@@ -60,7 +60,7 @@ def test_training_modes_run_and_log(tiny_init, tmp_path, mode):
     logs = [r for r in recs if "loss" in r]
     assert [r["step"] for r in logs] == [2, 4]
     assert all(len(r["agree"]) == 4 and r["sup_tok_per_s"] > 0 for r in logs)
-    m = Transformer.from_pretrained(str(tmp_path / "ckpt"))
+    m = from_pretrained(str(tmp_path / "ckpt"))
     assert m.cfg.mtp_token_id == 512 and m.cfg.mtp_k_max == 4
     assert os.path.isfile(tmp_path / "ckpt" / "tokenizer.tiktoken")
 
@@ -234,14 +234,14 @@ def test_the_mtp_row_is_trained_by_the_shared_optimizer_step(tmp_path):
     init, out = tmp_path / "init", tmp_path / "run"
     tok = synthetic_tokenizer()
     torch.manual_seed(0)
-    Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256, tie=False)).save_pretrained(init)
+    save_pretrained(Transformer(tiny_config(vocab=tok.n_vocab, max_seq_len=256, tie=False)), init)
     tok.save(init)
     lr = 1e-2
     train(parse_args(run_args(str(init), out, "--steps", "1", "--lr", str(lr), "--warmup", "1",
                               "--cooldown", "0")))
-    before = Transformer.from_pretrained(str(init))
+    before = from_pretrained(str(init))
     mtp = before.add_mtp_token(seed=0)                # the row train() drew (seed 0)
-    after = Transformer.from_pretrained(str(out / "ckpt"))
+    after = from_pretrained(str(out / "ckpt"))
     assert after.cfg.mtp_token_id == mtp
     for name in ("embed.weight", "lm_head.weight"):
         moved = (after.state_dict()[name][mtp] - before.state_dict()[name][mtp]).abs()
@@ -340,7 +340,8 @@ def test_answer_supervision_keeps_exactly_the_regions_whose_targets_are_the_answ
     """--supervise answer against a naive check: a region stays if it is there at all (before the
     row's EOS) and its prefix ends at the prompt's last token or later; answer_start is where the
     prompt's own tokens end."""
-    from data import answer_start, load_tokenizer, plain_prompt, region_ends, sample_ids
+    from data import answer_start, plain_prompt, region_ends, sample_ids
+    from compat.tokenizers import load_tokenizer
     from synthetic.problems import synthetic_problems
     tok = load_tokenizer(tiny_init)
     probs = synthetic_problems(4, seed=3)

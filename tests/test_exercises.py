@@ -2,11 +2,14 @@
 each fails on a plausible wrong reimplementation (README names the bug each one catches)."""
 import torch
 
-from data import load_tokenizer, plain_prompt
+from data import plain_prompt
+
+from compat.tokenizers import load_tokenizer
 from synthetic.problems import synthetic_problems
 from decode import accept_confadapt, generate
 from distill import DEFAULT_TEACHER
-from model import KVCache, Transformer
+from model import KVCache
+from compat.hf import from_pretrained
 
 
 def test_confadapt_accepts_a_leading_run_strictly_above_tau():
@@ -24,7 +27,7 @@ def test_confadapt_accepts_a_leading_run_strictly_above_tau():
 def context_model():
     """The embedded teacher plus a fresh <MTP>: a model whose next token depends on its context
     (a tiny random model's argmax hardly does, so a polluted cache would go unnoticed there)."""
-    m = Transformer.from_pretrained(DEFAULT_TEACHER).eval()
+    m = from_pretrained(DEFAULT_TEACHER).eval()
     m.add_mtp_token()
     m.cfg.mtp_k_max = 4
     tok = load_tokenizer(DEFAULT_TEACHER)

@@ -18,6 +18,7 @@ from parallel.distributed import checkpoint_blocks
 from tools.plan_memory import block_activations, memory_plan, param_counts, plan_shapes
 from tools.plan_memory import main as plan_main
 from model import Transformer
+from compat.hf import from_pretrained, config_to_hf
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
@@ -64,7 +65,7 @@ def losses(out):
 
 
 def weights(path):
-    return Transformer.from_pretrained(str(path)).state_dict()
+    return from_pretrained(str(path)).state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_fsdp_on_two_processes_equals_one_process(tiny_init, fsdp_run, tmp_path)
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
     init = weights(tiny_init)                          # and it trained: the weights moved
     assert not torch.allclose(a["blocks.0.mlp.fc.weight"], init["blocks.0.mlp.fc.weight"])
-    saved = Transformer.from_pretrained(str(fsdp_run / "ckpt"))    # an ordinary HF checkpoint
+    saved = from_pretrained(str(fsdp_run / "ckpt"))    # an ordinary HF checkpoint
     assert saved.cfg.mtp_token_id == 512 and saved.cfg.mtp_k_max == 4
     assert saved.lm_head.weight is saved.embed.weight                   # still tied
 
@@ -157,7 +158,7 @@ def test_grad_ckpt_leaves_loss_and_gradients_unchanged_and_saves_less(tiny_init)
 def test_plan_counts_parameters_as_the_model_has_them(kw):
     cfg = tiny_config(**kw)
     model = Transformer(cfg)
-    hf = cfg.to_hf()
+    hf = config_to_hf(cfg)
     s = plan_shapes(hf)
     root, block = param_counts(s, s["V"])
     assert root + cfg.n_layer * block == sum(p.numel() for p in model.parameters())
@@ -218,4 +219,4 @@ def test_plan_block_activations_match_what_autograd_saves(kw):
     shared = {p.untyped_storage().data_ptr() for p in model.parameters()}     # weights, not activations
     shared |= {t.untyped_storage().data_ptr() for t in (mask, *(rope or ()))}  # made once per forward
     per_token = sum(n for ptr, n in storages.items() if ptr not in shared) / (B * T * 4)
-    assert per_token == pytest.approx(block_activations(plan_shapes(cfg.to_hf())), rel=0.03)
+    assert per_token == pytest.approx(block_activations(plan_shapes(config_to_hf(cfg))), rel=0.03)

@@ -8,10 +8,9 @@ import threading
 import pytest
 import torch
 
-from conftest import SHARED, tiny_config
+from conftest import GPT2_RANKS, tiny_config
 from model import CheckpointError, Transformer
-
-GPT2_RANKS = os.path.join(SHARED, "tokenizers", "gpt2.tiktoken")
+from compat.hf import from_pretrained, save_pretrained
 
 
 @pytest.fixture()
@@ -22,7 +21,7 @@ def hub(tmp_path, monkeypatch):
     repo.mkdir(parents=True)
     torch.manual_seed(0)
     model = Transformer(tiny_config("gpt2", vocab=50257, max_seq_len=128))
-    model.save_pretrained(repo)
+    save_pretrained(model, repo)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -34,7 +33,7 @@ def hub(tmp_path, monkeypatch):
 
 
 def test_gpt2_hub_name_downloads_and_loads(hub, tmp_path):
-    m = Transformer.from_pretrained("gpt2")
+    m = from_pretrained("gpt2")
     cached = tmp_path / "cache" / "openai-community--gpt2"
     assert (cached / "config.json").is_file() and (cached / "model.safetensors").is_file()
     idx = torch.randint(0, 50257, (1, 9))
@@ -42,11 +41,14 @@ def test_gpt2_hub_name_downloads_and_loads(hub, tmp_path):
     assert not any(name.endswith(".part") for name in os.listdir(cached))
 
 
-@pytest.mark.skipif(not os.path.isfile(GPT2_RANKS), reason="../shared not present")
+@pytest.mark.skipif(not os.path.isfile(GPT2_RANKS), reason=f"needs {GPT2_RANKS}")
 def test_distill_init_gpt2_end_to_end(hub, tmp_path):
     import json
+    import shutil
     from synthetic.problems import synthetic_problems
     from distill import parse_args, train
+    (tmp_path / "cache").mkdir(exist_ok=True)          # offline, gpt2's tokenizer is read there
+    shutil.copy(GPT2_RANKS, tmp_path / "cache" / "gpt2.tiktoken")
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in synthetic_problems(20)))
     student = train(parse_args(["--init", "gpt2", "--out", str(tmp_path / "run"), "--steps", "2",
@@ -60,5 +62,5 @@ def test_offline_error_names_the_files(tmp_path, monkeypatch):
     monkeypatch.setenv("MTP_HUB_URL", "http://127.0.0.1:9")      # nothing listens there
     monkeypatch.setenv("MTP_CACHE", str(tmp_path))
     with pytest.raises(CheckpointError, match="Put its config.json and model.safetensors"):
-        Transformer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+        from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert not (tmp_path / "HuggingFaceTB--SmolLM2-135M-Instruct" / "config.json").exists()

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_model
-from model import CheckpointError, KVCache, Transformer, rope_inv_freq
+from model import CheckpointError, KVCache, rope_inv_freq
+from compat.hf import from_pretrained, save_pretrained
 
 ARCHS = [("gpt2", True, False), ("gpt2", False, False), ("llama", True, True),
          ("llama", False, True), ("llama", True, False), ("qwen2", True, True)]
@@ -16,8 +17,8 @@ ARCHS = [("gpt2", True, False), ("gpt2", False, False), ("llama", True, True),
 @pytest.mark.parametrize("model_type,tie,gqa", ARCHS)
 def test_save_load_round_trip_is_bit_exact(tmp_path, model_type, tie, gqa):
     m = tiny_model(model_type=model_type, tie=tie, gqa=gqa)
-    m.save_pretrained(tmp_path)
-    m2 = Transformer.from_pretrained(str(tmp_path))
+    save_pretrained(m, tmp_path)
+    m2 = from_pretrained(str(tmp_path))
     a, b = m.state_dict(), m2.state_dict()
     assert a.keys() == b.keys()
     for name in a:
@@ -78,9 +79,9 @@ def test_add_mtp_token(tmp_path, tie):
     # the new row follows the existing rows' statistics, not zeros
     row = m.embed.weight[mtp]
     assert 0.5 < row.std() / old.std() < 2.0
-    m.save_pretrained(tmp_path)
+    save_pretrained(m, tmp_path)
     assert json.load(open(tmp_path / "config.json"))["mtp_token_id"] == 61
-    m2 = Transformer.from_pretrained(str(tmp_path))
+    m2 = from_pretrained(str(tmp_path))
     assert m2.cfg.mtp_token_id == 61 and m2.cfg.vocab_size == 62
     with pytest.raises(CheckpointError, match="already has an <MTP> token"):
         m2.add_mtp_token()
@@ -102,7 +103,7 @@ def test_hf_transformers_loads_our_checkpoint(tmp_path):
     for model_type in ("gpt2", "llama"):
         m = tiny_model(model_type=model_type, tie=False)
         m.add_mtp_token()
-        m.save_pretrained(tmp_path / model_type)
+        save_pretrained(m, tmp_path / model_type)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / model_type)
         idx = torch.randint(0, 62, (1, 12))
         torch.testing.assert_close(hf(idx).logits, m(idx), atol=1e-5, rtol=0)
@@ -113,11 +114,11 @@ def test_hf_transformers_loads_our_checkpoint(tmp_path):
 def test_loader_errors(tmp_path):
     m = tiny_model()
     good = tmp_path / "good"
-    m.save_pretrained(good)
+    save_pretrained(m, good)
     with pytest.raises(CheckpointError, match="no config.json"):
-        Transformer.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     with pytest.raises(CheckpointError, match="neither a checkpoint directory nor a hub name"):
-        Transformer.from_pretrained(str(tmp_path / "nope"))
+        from_pretrained(str(tmp_path / "nope"))
 
     def variant(name, edit_cfg=None, edit_tensors=None):
         d = tmp_path / name
@@ -133,16 +134,24 @@ def test_loader_errors(tmp_path):
         return str(d)
 
     with pytest.raises(CheckpointError, match="unknown model_type 'mamba'"):
-        Transformer.from_pretrained(variant("arch", lambda c: c.update(model_type="mamba")))
+        from_pretrained(variant("arch", lambda c: c.update(model_type="mamba")))
     with pytest.raises(CheckpointError, match="'model.norm.weight' is missing"):
-        Transformer.from_pretrained(variant("missing", edit_tensors=lambda t: t.pop("model.norm.weight")))
+        from_pretrained(variant("missing", edit_tensors=lambda t: t.pop("model.norm.weight")))
     with pytest.raises(CheckpointError, match="unexpected tensor 'model.extra.weight'"):
-        Transformer.from_pretrained(variant("extra", edit_tensors=lambda t: t.update(
+        from_pretrained(variant("extra", edit_tensors=lambda t: t.update(
             {"model.extra.weight": torch.zeros(2)})))
-    with pytest.raises(CheckpointError, match="embed.weight has shape"):
-        Transformer.from_pretrained(variant("shape", lambda c: c.update(vocab_size=70)))
+    with pytest.raises(CheckpointError, match="embed_tokens.weight has shape"):
+        from_pretrained(variant("shape", lambda c: c.update(vocab_size=70)))
+
+    def move_rows(t):   # q_proj loses half its rows to k_proj: the fused qkv keeps its total size
+        q, k = t["model.layers.0.self_attn.q_proj.weight"], t["model.layers.0.self_attn.k_proj.weight"]
+        t["model.layers.0.self_attn.q_proj.weight"] = q[:q.size(0) // 2].clone()
+        t["model.layers.0.self_attn.k_proj.weight"] = torch.cat([k, q[q.size(0) // 2:]])
+    with pytest.raises(CheckpointError, match=r"q_proj.weight has shape \(16, 32\), the config "
+                                              r"implies \(32, 32\)"):
+        from_pretrained(variant("fused", edit_tensors=move_rows))
     with pytest.raises(CheckpointError, match="rope type 'yarn' is not supported"):
-        Transformer.from_pretrained(variant("rope", lambda c: c.update(
+        from_pretrained(variant("rope", lambda c: c.update(
             rope_scaling={"rope_type": "yarn", "factor": 4.0}, rope_parameters=None)))
     for field, value, want in (("num_hidden_layers", "2", "a whole number >= 1"),
                                ("vocab_size", True, "a whole number >= 1"),
@@ -150,27 +159,27 @@ def test_loader_errors(tmp_path):
                                ("rms_norm_eps", "1e-5", "a finite number > 0"),
                                ("head_dim", 8.0, "a whole number >= 1")):
         with pytest.raises(CheckpointError, match=f"{field} = {value!r} is not {want}"):
-            Transformer.from_pretrained(variant(f"type-{field}", lambda c: c.update({field: value})))
+            from_pretrained(variant(f"type-{field}", lambda c: c.update({field: value})))
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text((good / "config.json").read_text())
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read"):
-        Transformer.from_pretrained(str(corrupt))
+        from_pretrained(str(corrupt))
     (corrupt / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a usable config"):
-        Transformer.from_pretrained(str(corrupt))
+        from_pretrained(str(corrupt))
     (corrupt / "config.json").write_bytes(b'{"model_type": "llama\xe9"}')      # not UTF-8
     with pytest.raises(CheckpointError, match="not a usable config"):
-        Transformer.from_pretrained(str(corrupt))
+        from_pretrained(str(corrupt))
     (corrupt / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="not a JSON object"):
-        Transformer.from_pretrained(str(corrupt))
+        from_pretrained(str(corrupt))
 
 
 def test_sharded_checkpoint_loads(tmp_path):
     m = tiny_model(tie=False)
-    m.save_pretrained(tmp_path / "one")
+    save_pretrained(m, tmp_path / "one")
     tensors = load_file(tmp_path / "one" / "model.safetensors")
     names = sorted(tensors)
     d = tmp_path / "sharded"
@@ -183,12 +192,12 @@ def test_sharded_checkpoint_loads(tmp_path):
         save_file({n: tensors[n] for n in part}, d / fn)
         weight_map.update({n: fn for n in part})
     json.dump({"weight_map": weight_map}, open(d / "model.safetensors.index.json", "w"))
-    m2 = Transformer.from_pretrained(str(d))
+    m2 = from_pretrained(str(d))
     idx = torch.randint(0, 61, (1, 7))
     assert torch.equal(m(idx), m2(idx))
     os.remove(d / "model-00002-of-00002.safetensors")
     with pytest.raises(CheckpointError, match="shard .* is missing"):
-        Transformer.from_pretrained(str(d))
+        from_pretrained(str(d))
 
 
 def test_flex_block_mask_equals_the_boolean_mask():

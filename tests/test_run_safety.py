@@ -17,6 +17,7 @@ import distill
 from conftest import assert_exits, tiny_config
 from distill import Diverged, RunLock, main, optimizer_update, parse_args, train
 from model import Transformer
+from compat.hf import from_pretrained, save_pretrained
 
 
 def run_args(init, out, *extra):
@@ -192,7 +193,7 @@ def test_a_diverged_run_stops_at_the_step_and_keeps_its_last_good_checkpoint(tin
     assert len(calls) == 10                           # it stopped there
     state = torch.load(out / "ckpt" / "train_state.pt", weights_only=False)
     assert state["step"] == 3
-    m = Transformer.from_pretrained(str(out / "ckpt"))
+    m = from_pretrained(str(out / "ckpt"))
     assert all(p.isfinite().all() for p in m.parameters())
     assert [r["step"] for r in strict_json(out / "log.jsonl") if "loss" in r] == [2, 4]
 
@@ -258,7 +259,7 @@ def test_an_out_that_is_a_file_is_one_line(tiny_init, tmp_path, capsys):
 def test_a_tokenizer_that_does_not_fit_the_teachers_vocabulary(tmp_path, capsys):
     from synthetic.tokenizer import synthetic_tokenizer
     small = tmp_path / "small"
-    Transformer(tiny_config(vocab=100, max_seq_len=256)).save_pretrained(small)
+    save_pretrained(Transformer(tiny_config(vocab=100, max_seq_len=256)), small)
     synthetic_tokenizer().save(small)                 # 512 ids for 100 rows
     assert_exits(main, run_args(str(small), tmp_path / "run"),
                  "its tokenizer has ids up to 511, but the model has 100 token rows", capsys)

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from conftest import assert_exits, tiny_model
-from data import load_tokenizer, pack, sample_ids, teacher_input
+from data import pack, sample_ids, teacher_input
+from compat.tokenizers import load_tokenizer
 from synthetic.problems import synthetic_problems
 from tools.show_layout import SHOW_DEFAULT_TOKENIZER, main
 from distill import TrainConfig, supervised_weight
-from model import Transformer
+from compat.hf import from_pretrained, save_pretrained
 
 ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(-?\d+)\s")                 # slot, pos, token id
 SUP = re.compile(r" r(\d+) y'(\d+) w=(\d+) target (-?\d+)")
@@ -85,7 +86,7 @@ def test_rollout_of_a_student_fills_the_teacher_input(tiny_init, capsys):
     main(["--student", tiny_init, "--k", "4", "--seq-len", "24", "--offset", "2"])
     text = capsys.readouterr().out
     tok = load_tokenizer(tiny_init)
-    model = Transformer.from_pretrained(tiny_init).eval()
+    model = from_pretrained(tiny_init).eval()
     mtp = model.add_mtp_token()                                # as --student does for a plain init
     seq = sample_ids(tok, synthetic_problems(1, seed=0)[0])
     P = pack([seq], 4, 2, 2, 24, mtp, tok.eos_id)
@@ -112,6 +113,6 @@ def test_bad_options_are_messages(tmp_path, capsys):
     fails(["--student", str(tmp_path)], "--student:")
     fails(["--text", "x", "--problem", "2"], "not allowed with")
     small = tmp_path / "small"                     # a student with a 61-token vocabulary
-    tiny_model().save_pretrained(small)
+    save_pretrained(tiny_model(), small)
     fails(["--student", str(small), "--tokenizer", SHOW_DEFAULT_TOKENIZER],
           "use the student's own tokenizer")

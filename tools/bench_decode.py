@@ -21,7 +21,9 @@ import time
 
 import torch
 
-from data import TokenizerError, load_tokenizer, plain_prompt
+from data import plain_prompt
+
+from compat.tokenizers import load_tokenizer, TokenizerError
 from decode import DecodeError, decode_one, load_for_decoding, make_engine, resolve_device
 from model import CheckpointError
 

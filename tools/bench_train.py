@@ -26,7 +26,9 @@ import time
 import torch
 import torch.nn as nn
 
-from data import DataError, TokenizerError
+from data import DataError
+
+from compat.tokenizers import TokenizerError
 from distill import (ConfigError, TrainConfig, add_config_args, autocast, check_config, hard_ce,
                      load_models, load_samples, mtp_step, n_regions, ntp_inputs, optimizer_update,
                      sample_stream, step_batches, supervised_weight, uses_bf16)

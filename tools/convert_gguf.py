@@ -7,8 +7,8 @@ Convert a llama-architecture GGUF file (llama.cpp's format) into our Hugging Fac
     python -m pytest -q tests/test_convert_gguf.py -s
 
 The output directory holds config.json + model.safetensors (HF names, loads with
-`Transformer.from_pretrained` and with transformers' LlamaForCausalLM), our tokenizer
-(tokenizer.tiktoken + tokenizer_mtp.json, loads with `data.load_tokenizer`) and a
+`compat.hf.from_pretrained` and with transformers' LlamaForCausalLM), our tokenizer
+(tokenizer.tiktoken + tokenizer_mtp.json, loads with `compat.tokenizers.load_tokenizer`) and a
 tokenizer_config.json carrying the chat template for HF tools.
 
 Three things the GGUF stores differently from a Hugging Face checkpoint, each undone here:
@@ -34,9 +34,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import data
-from compat.tokenizers import LLAMA3_PATTERN, bpe_to_tiktoken
-from model import CheckpointError, Config, Transformer
+from compat.hf import config_from_hf, from_pretrained, save_pretrained
+from compat.tokenizers import (DIGITS_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, Tokenizer,
+                               TokenizerError, bpe_to_tiktoken)
+from data import gsm8k, sample_ids
+from model import CheckpointError
 
 try:
     import gguf  # optional: pip install gguf (tested with 0.19)
@@ -194,16 +196,16 @@ def hf_state_dict(reader, cfg):
 # tokenizer.ggml.pre (llama.cpp's name for the pre-tokenizer) -> our regex
 PRE_PATTERNS = {
     # digits one per token, then GPT-2's regex: tested equal to HF's tokenizers pipeline
-    "smollm": data.DIGITS_PATTERN,
-    "starcoder": data.DIGITS_PATTERN,   # llama.cpp treats these like smollm
-    "gpt-2": data.GPT2_PATTERN,
+    "smollm": DIGITS_PATTERN,
+    "starcoder": DIGITS_PATTERN,   # llama.cpp treats these like smollm
+    "gpt-2": GPT2_PATTERN,
     "llama-bpe": LLAMA3_PATTERN,
 }
 STOP_CANDIDATES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
 
 
 def gguf_tokenizer(meta, name):
-    """(data.Tokenizer, tokenizer_config dict for HF tools) from the tokenizer.* metadata."""
+    """(Tokenizer, tokenizer_config dict for HF tools) from the tokenizer.* metadata."""
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise ConversionError(f"tokenizer.ggml.model is {meta.get('tokenizer.ggml.model')!r}; only "
                               "byte-level BPE ('gpt2') tokenizers can become tiktoken encodings")
@@ -221,7 +223,7 @@ def gguf_tokenizer(meta, name):
                 if ty in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)]
     try:
         enc = bpe_to_tiktoken(vocab, meta["tokenizer.ggml.merges"], name, PRE_PATTERNS[pre], specials)
-    except data.TokenizerError as e:
+    except TokenizerError as e:
         raise ConversionError(f"the GGUF's BPE cannot be expressed as tiktoken ranks: {e}") from None
 
     def token(key):
@@ -231,7 +233,7 @@ def gguf_tokenizer(meta, name):
     if eos is None:
         raise ConversionError("tokenizer.ggml.eos_token_id is missing from the GGUF")
     chat = "chatml" if "<|im_start|>" in specials else "llama3" if "<|start_header_id|>" in specials else None
-    tok = data.Tokenizer(enc, eos=eos, stops=[s for s in STOP_CANDIDATES if s in specials], chat=chat,
+    tok = Tokenizer(enc, eos=eos, stops=[s for s in STOP_CANDIDATES if s in specials], chat=chat,
                          bos=bos if meta.get("tokenizer.ggml.add_bos_token") else None)
     hf_tok = {"chat_template": meta.get("tokenizer.chat_template"), "bos_token": bos, "eos_token": eos,
               "pad_token": token("tokenizer.ggml.padding_token_id"),
@@ -256,7 +258,7 @@ def convert(gguf_path, out_dir, dtype=torch.float32):
     tied = "output.weight" not in names                     # no output matrix: lm_head = embedding
     vocab_size = len(meta.get("tokenizer.ggml.tokens", []))
     cfg = hf_config(meta, vocab_size, tied)
-    Config.from_hf(cfg)                                     # fail early on a config we cannot build
+    config_from_hf(cfg)                                     # fail early on a config we cannot build
     state = hf_state_dict(reader, cfg)
     if state["model.embed_tokens.weight"].shape[0] != vocab_size:
         raise ConversionError(f"token_embd has {state['model.embed_tokens.weight'].shape[0]} rows "
@@ -272,8 +274,8 @@ def convert(gguf_path, out_dir, dtype=torch.float32):
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         del state
-        model = Transformer.from_pretrained(tmp, dtype=dtype)
-    model.save_pretrained(out_dir, extra_files={"tokenizer_config.json": json.dumps(hf_tok, indent=2) + "\n"})
+        model = from_pretrained(tmp, dtype=dtype)
+    save_pretrained(model, out_dir, extra_files={"tokenizer_config.json": json.dumps(hf_tok, indent=2) + "\n"})
     tok.save(out_dir)
     types = {}
     for t in reader.tensors:
@@ -295,7 +297,7 @@ def answer_perplexity(model, tok, rows):
     nll, n = 0.0, 0
     for row in rows:
         prompt = tok.prompt(row["question"])
-        ids = data.sample_ids(tok, row)
+        ids = sample_ids(tok, row)
         assert ids[:len(prompt)] == prompt, "sample_ids must start with the prompt"
         x = torch.tensor([ids[:-1]], device=model.device)                 # (1, T)
         targets = torch.tensor(ids[len(prompt):], device=model.device)    # (A,) answer + EOS
@@ -325,7 +327,7 @@ def main(argv=None):
         sys.exit(1)
     try:
         model, tok, info = convert(args.gguf_file, args.out_dir, getattr(torch, args.dtype))
-    except (ConversionError, CheckpointError, data.TokenizerError) as e:
+    except (ConversionError, CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     c = model.cfg
@@ -338,7 +340,7 @@ def main(argv=None):
     print(f"  conversion took {info['seconds']:.1f} s")
     if args.ppl:
         t0 = time.perf_counter()
-        r = answer_perplexity(model, tok, data.gsm8k("test")[:args.ppl])
+        r = answer_perplexity(model, tok, gsm8k("test")[:args.ppl])
         print(f"GSM8K test answers, first {r['rows']}: perplexity {r['ppl']:.3f} "
               f"(mean NLL {r['nll']:.4f} over {r['tokens']} answer tokens, "
               f"{time.perf_counter() - t0:.0f} s)")

@@ -34,7 +34,7 @@ def plan_shapes(hf):
                         norm_bias=True, qk_norm=False)
         if mt in ("llama", "qwen2", "qwen3"):
             D, nh = hf["hidden_size"], hf["num_attention_heads"]
-            bias = hf.get("attention_bias", False)     # as model.Config.from_hf reads the biases
+            bias = hf.get("attention_bias", False)     # as compat.hf.config_from_hf reads the biases
             return dict(D=D, layers=hf["num_hidden_layers"], nh=nh,
                         nkv=hf.get("num_key_value_heads") or nh, hs=hf.get("head_dim") or D // nh,
                         d_ff=hf["intermediate_size"], V=hf["vocab_size"],

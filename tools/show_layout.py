@@ -15,9 +15,12 @@ import sys
 
 import torch
 
-from data import DataError, TokenizerError, load_tokenizer, pack, region_ends, sample_ids, teacher_input
+from data import DataError, pack, region_ends, sample_ids, teacher_input
+
+from compat.tokenizers import load_tokenizer, TokenizerError
 from distill import TrainConfig, supervised_weight
 from synthetic.problems import synthetic_problems
+from compat.hf import from_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,9 +147,9 @@ def main(argv=None):
             raise DataError("--text is empty: give some text")
         student = None
         if a.student:
-            from model import CheckpointError, Transformer
+            from model import CheckpointError
             try:
-                student = Transformer.from_pretrained(a.student).eval()
+                student = from_pretrained(a.student).eval()
             except (CheckpointError, FileNotFoundError) as e:
                 raise DataError(f"--student: {e}") from None
             if student.cfg.mtp_token_id is None:
