@@ -15,7 +15,7 @@
 #      tokens per step, k_max 4, the cool-down inside the 4 minutes); bench 500 GSM8K test
 #      problems in one batch, fp32 (6 min): static k=1, ConfAdapt 0.9 and 0.95, verified static
 #      k_max and verified ConfAdapt, with the teacher's NLL and "same as k=1"
-#   2. batch 1 on that student, bf16, CUDA graphs (4 min): speedup over static k=1 / tokens per pass
+#   2. batch 1 on that student, bf16, CUDA graphs (4 min): speedup over static k=1, tokens per pass
 #   3. 16 sequences at once, same settings (3 min): tokens/s over static k=1's
 #   4. batch-1 static k=1 against transformers generate, bf16: CUDA graphs (2 min), torch.compile
 #      (4 min)
@@ -26,7 +26,7 @@
 # Every step writes its table and log into --out (default runs/gpu) as soon as it ends and says
 # how it ended; a step that fails or runs out of time costs its own limit, not the later steps.
 # The last lines printed (also OUT/summary.md, from `python -m tools.gpu_summary OUT`) give each
-# figure against its goal.
+# figure with its step, command and unit.
 set -u -o pipefail
 
 usage="usage: bash tools/gpu_run.sh (--gguf FILE | --ckpt DIR) --gsm8k DIR [--out DIR] [--tiny]"
@@ -182,7 +182,7 @@ bench gsm8k 360 --limit $N_BENCH --batch $N_BENCH --max-new $NEW_BENCH --dtype f
 # 2./3. Speed on the student: batch 1 and 16 sequences at once (CUDA graphs on the GPU)
 
 SPEED="--max-new $NEW_SPEED --dtype $DTYPE --engine $GRAPHS --static 1 --taus 0.9"
-step "2. batch 1, $N_B1 problems, $DTYPE, engine $GRAPHS: speedup over static k=1 / tokens per pass"
+step "2. batch 1, $N_B1 problems, $DTYPE, engine $GRAPHS: speedup over static k=1, tokens per pass"
 bench b1 240 --limit $N_B1 --batch 1 $SPEED
 step "3. 16 sequences at once, $N_B16 problems, $DTYPE, engine $GRAPHS: tokens/s over static k=1's"
 bench b16 180 --limit $N_B16 --batch 16 $SPEED
