@@ -3,25 +3,19 @@ Accuracy vs acceleration vs wall clock for every decoding strategy (the paper's 
 
     python bench.py --ckpt runs/mtp-synth/ckpt --data synthetic --baseline checkpoints/synth-teacher
     python bench.py --ckpt runs/smol/ckpt --data gsm8k --limit 200 --teacher checkpoints/smollm2-135m-instruct
-    python bench.py --ckpt DIR --device cuda --static 1,2,3 --taus 0.9,0.8
-    python bench.py --ckpt DIR --device cuda --batch 16      # 16 problems per forward pass
-    python bench.py --ckpt DIR --temperature 0.7 --samples 4 --static 1 --taus 0.9
+    python bench.py --ckpt DIR --device cuda --static-k 1,2,3 --tau 0.9,0.8 --batch 16
+    python bench.py --ckpt DIR --temperature 0.7 --samples 4 --static-k 1 --tau 0.9
 
-For each strategy (the step-0 checkpoint at k=1 if --baseline is given, static k, ConfAdapt tau):
-accuracy (flexible and strict extraction, each with its standard error), effective k (tokens
-per forward pass, mean +- std over generations), the time of one forward pass (CUDA events on
-the GPU), tokens/s of the whole decoding loop and its wall-clock speedup over static k=1 of the
-same checkpoint in the same process, and the mean per-token NLL of the outputs under
-a teacher checkpoint (the paper's validation metric; useful where accuracy is near zero).
-With --batch N every strategy, static k=1 included, decodes N problems per forward pass
-(decode.generate_batch): tokens/s and ms/pass are then those of the batch.
-With --temperature T > 0 every strategy samples (--top-k, --top-p), --samples S outputs per
-problem, output s of problem i drawing from row_seed(--seed, i, s) whatever --batch is;
-accuracy is the mean over a problem's samples, then over problems, with its standard error,
-and a last column gives each row's accuracy minus static k=1's, paired per problem (verified
-rows: distributed as k=1 sampling, so within noise of 0). Fidelity is then not reported.
-Writes OUT.md (table), OUT.json, and OUT.png (accuracy against tokens per pass) when matplotlib
-is installed.
+A strategy is a decoding rule (decode.RULE_FLAGS: each flag takes a comma-separated list), verified
+or not, or the step-0 checkpoint at k=1 (--baseline). For each: accuracy (the last number of
+the answer, and strict "####"/"The answer is" extraction, against the number after "####" in the
+data's answer), tokens per forward pass (effective k), the time of one pass (CUDA events on the
+GPU), tokens/s and its speedup over static k=1 in the same process, fidelity to static k=1's
+outputs, and the mean per-token NLL of the outputs under --teacher (the paper's validation
+metric). --batch N decodes N problems per pass (fast/batch.py). --temperature T > 0: every
+strategy samples, --samples S outputs per problem (output s of problem i draws from
+row_seed(--seed, i, s), whatever --batch is), and a last column gives each row's accuracy minus
+static k=1's, paired per problem. Writes OUT.md, OUT.json and (with matplotlib) OUT.png.
 """
 import argparse
 import json
@@ -30,17 +24,20 @@ import os
 import re
 import statistics
 import sys
-import time
+from dataclasses import dataclass
 
 import torch
 
+from compat.tokenizers import TokenizerError, check_vocab, load_tokenizer, same_tokenizer
 from data import DataError, gsm8k, load_dataset, plain_prompt
-
-from compat.tokenizers import check_vocab, load_tokenizer, same_tokenizer, TokenizerError
-
-from decode import (DecodeError, PassTimer, add_sampling_args, check_output_path, check_request,
-                    generate_batch, load_for_decoding, make_engine, resolve_device, row_seed)
-from model import CheckpointError
+from decode import (ENGINES, RULE_FLAGS, ConfAdapt, DecodeError, PassTimer, Rule, Static,
+                    add_sampling_args, check_output_path, check_request, label, load_for_decoding,
+                    make_engine, resolve_device, row_seed)
+from display.pareto import pareto_plot
+from display.progress import progress_printer
+from fast.batch import generate_batch
+from fast.lean import Lean
+from model import CheckpointError, Transformer
 
 # -----------------------------------------------------------------------------
 # Prompts: zero-shot Q/A for our own models, chat, or the paper's few-shot chain of thought
@@ -179,24 +176,42 @@ def per_problem(xs, samples):
     return [statistics.mean(xs[i:i + samples]) for i in range(0, len(xs), samples)]
 
 
-def decode_items(model, tok, batch, prompts, rule, args, engines, timer):
+@dataclass(frozen=True)
+class Strategy:
+    """One row of the table: a model decoded with a rule, verified or not; baseline: the
+    step-0 checkpoint (--baseline), not the student."""
+    model: Transformer
+    rule: Rule
+    verify: bool = False
+    baseline: bool = False
+
+    @property
+    def name(self):
+        if self.baseline:
+            return "baseline k=1 (step 0)"
+        trained = self.model.cfg.mtp_k_max          # more candidates than it was trained for?
+        beyond = trained and self.rule.reads(trained) > trained
+        return label(self.rule, self.verify) + (" (beyond trained k_max)" if beyond else "")
+
+
+def decode_items(strategy, tok, batch, prompts, args, engines, timer):
     """generate_batch on one batch of (problem index, sample index, problem): each output draws
     from row_seed(--seed, problem, sample), so a problem's samples do not depend on --batch."""
+    model = strategy.model
     key = (id(model), len(prompts))           # one engine (cache, CUDA graphs) per shape
     if key not in engines:
         engines[key] = make_engine(model, len(prompts), args.engine, args.capacity)
     stop_fn = (lambda ids: "Q:" in tok.decode(ids[-8:])) if args.format == "fewshot" else None
-    return generate_batch(model, prompts, max_new_tokens=args.max_new, stop_ids=tok.stop_ids,
-                          stop_fn=stop_fn, timer=timer, engine=engines[key],
-                          seed=[row_seed(args.seed, i, s) for i, s, _ in batch],
-                          **sampling_of(args), **rule)
+    return generate_batch(model, prompts, strategy.rule, max_new_tokens=args.max_new,
+                          stop_ids=tok.stop_ids, stop_fn=stop_fn, timer=timer,
+                          verify=strategy.verify, engine=engines[key],
+                          seed=[row_seed(args.seed, i, s) for i, s, _ in batch], **sampling_of(args))
 
 
-def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, progress, engines,
-                 scored):
+def run_strategy(strategy, tok, problems, prompter, args, teacher, progress, engines, scored):
     """One strategy on every problem, --samples outputs each: accuracy (the mean over a
     problem's samples, then over problems, with its standard error), speed, teacher NLL."""
-    timer = PassTimer(model.device)
+    timer = PassTimer(strategy.model.device)
     flex, strict, eff_k, nll, n_tok = [], [], [], 0.0, 0
     tokens, wall_ms, step_ms, steps, setup_ms = 0, 0.0, 0.0, 0, 0.0
     samples, outputs, confirmed, rejected, judged = [], [], 0, 0, []
@@ -204,7 +219,7 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
     for start in range(0, len(items), args.batch):
         batch = items[start:start + args.batch]
         prompts = [prompter(row["question"]) for _, _, row in batch]
-        outs, st = decode_items(model, tok, batch, prompts, rule, args, engines, timer)
+        outs, st = decode_items(strategy, tok, batch, prompts, args, engines, timer)
         outputs += outs
         tokens += st["tokens"]
         wall_ms += st["wall_ms"]                # less CUDA-graph captures (setup_ms)
@@ -230,7 +245,10 @@ def run_strategy(name, model, tok, problems, prompter, rule, args, teacher, prog
     wall_s = wall_ms / 1000
     acc, acc_se = mean_se(per_problem(flex, args.samples))
     sacc, sacc_se = mean_se(per_problem(strict, args.samples))
-    return {"strategy": name, "n": len(problems), "acc": acc, "acc_se": acc_se, "strict": sacc,
+    rule = strategy.rule
+    return {"strategy": strategy.name, "rule": rule.name, "family": rule.family,
+            "verify": strategy.verify, "baseline": strategy.baseline, "n": len(problems),
+            "acc": acc, "acc_se": acc_se, "strict": sacc,
             "strict_se": sacc_se, "eff_k": statistics.mean(eff_k),
             "eff_k_std": statistics.pstdev(eff_k), "tokens": tokens, "decode_s": wall_s,
             "ms_per_pass": step_ms / max(1, steps), "tokens_per_s": tokens / wall_s,
@@ -268,29 +286,6 @@ def table(results, header, sampled=False):
     return "\n".join(lines) + "\n"
 
 
-def pareto_plot(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no Pareto plot (pip install matplotlib)")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for group, marker in (("static", "s"), ("ConfAdapt", "o"), ("verified", "^"), ("baseline", "*")):
-        pts = [r for r in results if r["strategy"].startswith(group)]
-        if pts:
-            ax.plot([r["eff_k"] for r in pts], [100 * r["acc"] for r in pts], marker=marker,
-                    label=group, linestyle="-" if group != "baseline" else "")
-    ax.set_xlabel("effective k (tokens per forward pass)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
-
-
 def paired_difference(correct, reference, samples):
     """Accuracy minus a reference's, with its standard error, paired per problem: the mean over
     problems of (a problem's mean over its samples - the reference's on the same problem)."""
@@ -298,18 +293,19 @@ def paired_difference(correct, reference, samples):
                                           per_problem(reference, samples), strict=True)])
 
 
-def write_results(results, strategies, model, header, args, out):
+def write_results(results, header, args, out):
     """Speedups and, against static k=1, fidelity (greedy: the same tokens?) or the accuracy
     difference (sampling: the same distribution?), then OUT.md and OUT.json; returns the table.
     Nothing until static k=1 is done (only the --baseline row runs before it)."""
-    k1 = next((r for r in results if r["strategy"] == "static k=1"), None)
+    k1 = next((r for r in results if r["rule"] == Static(1).name and not r["verify"]
+               and not r["baseline"]), None)
     if k1 is None:
         return None
-    for r, (_, m, _) in zip(results, strategies):
+    for r in results:
         r["speedup"] = r["tokens_per_s"] / k1["tokens_per_s"]
-        if m is model and not args.temperature:   # against the same model's own k=1 output
+        if not r["baseline"] and not args.temperature:   # against the student's own k=1 output
             r.update(fidelity(r["outputs"], k1["outputs"]))
-        elif m is model and r is not k1:
+        elif not r["baseline"] and r is not k1:
             r["acc_diff"], r["acc_diff_se"] = paired_difference(r["correct"], k1["correct"],
                                                                 args.samples)
     md = table(results, header, sampled=bool(args.temperature))
@@ -326,6 +322,12 @@ def write_results(results, strategies, model, header, args, out):
     return md
 
 
+# -----------------------------------------------------------------------------
+# The command line: the strategies asked for, checked and sized before any decoding
+
+# the values each rule flag of decode.RULE_FLAGS runs by default (a flag not here: none)
+DEFAULT_RULES = {"--static-k": "1,2,3,4,5", "--tau": "0.99,0.95,0.9,0.8,0.7,0.6"}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="accuracy vs acceleration vs wall clock")
@@ -336,8 +338,10 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=200,
                    help="number of test problems (synthetic: the 200 held-out ones, then more from "
                         "the same held-out stream)")
-    p.add_argument("--static", default="1,2,3,4,5", help="static k values")
-    p.add_argument("--taus", default="0.99,0.95,0.9,0.8,0.7,0.6", help="ConfAdapt thresholds")
+    for flag, (kind, _, help) in RULE_FLAGS.items():
+        p.add_argument(flag, default=DEFAULT_RULES.get(flag, ""),
+                       help=f"{help}: a comma-separated list of values")
+    p.add_argument("--taus", dest="tau", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # older --tau
     p.add_argument("--k-max", type=int, help="ConfAdapt candidates per pass (default: checkpoint's)")
     p.add_argument("--format", choices=["auto", "qa", "chat", "fewshot"], default="auto",
                    help="auto: qa for synthetic, fewshot (8-shot CoT) for gsm8k")
@@ -347,15 +351,16 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1,
                    help="problems decoded together, one forward pass per step for all of them")
     p.add_argument("--no-verified", action="store_true",
-                   help="skip the verified rows (static k_max and every tau, output == static k=1)")
+                   help="skip the verified rows (static k_max and every other rule, output == static k=1)")
     p.add_argument("--lean", action="store_true",
-                   help="add a lean row (candidates follow recent acceptance) after each ConfAdapt row")
+                   help="add a lean row (candidates follow recent acceptance) after each rule but static k")
     p.add_argument("--device", default="auto", help="auto (the GPU if there is one) | cpu | cuda")
     p.add_argument("--dtype", default="fp32",
                    help="fp32 | bf16 (bf16: a wide pass and a one-token pass round differently, so "
                         "near-tie tokens can flip; verified rows then only warn when they differ)")
-    p.add_argument("--engine", default="eager",
-                   help="eager | graphs (CUDA graphs) | compile (torch.compile + CUDA graphs)")
+    p.add_argument("--engine", default="eager", choices=ENGINES,
+                   help="eager | graphs (CUDA graphs) | compile (torch.compile + CUDA graphs) | "
+                        "static (the graphs' cache layout, uncaptured)")
     add_sampling_args(p, "sampling seed: output s of problem i draws from row_seed(seed, i, s)")
     p.add_argument("--samples", type=int, default=1,
                    help="outputs per problem when sampling; accuracy is their mean")
@@ -363,34 +368,32 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def rules_asked(a):
+    """The rules of the rule flags' comma-separated values, static k=1 (the reference) first."""
+    asked = [Static(1)]
+    for flag, (kind, make, _) in RULE_FLAGS.items():
+        values = getattr(a, flag[2:].replace("-", "_"))
+        try:
+            rules = [make(kind(v), a) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise DecodeError(f"{flag} takes comma-separated {kind.__name__} values, got {values!r}")
+        asked += [r for r in rules if r not in asked]
+    return asked
+
+
 def strategies_for(a, model, baseline):
-    """[(name, model, rule)]: static k (k=1 always: the reference), ConfAdapt, lean and verified
-    rows, the step-0 baseline first."""
-    try:
-        statics = sorted({1} | {int(k) for k in a.static.split(",") if k})
-        taus = [float(t) for t in a.taus.split(",") if t]
-    except ValueError:
-        raise DecodeError(f"--static takes whole numbers and --taus numbers, comma-separated "
-                          f"(got {a.static!r} and {a.taus!r})") from None
-    strategies = [(f"static k={k}", model, {"static_k": k}) for k in statics]
-    for t in taus:
-        rule = {"tau": t, "k_max": a.k_max}
-        strategies.append((f"ConfAdapt tau={t}", model, rule))
-        if a.lean:
-            strategies.append((f"ConfAdapt tau={t}, lean", model, {**rule, "lean": True}))
+    """The table's rows: the step-0 baseline, every rule asked for (static k first, a lean row
+    after each other rule with --lean), then verified: static k_max and every other rule."""
+    rules = rules_asked(a)
+    statics = [r for r in rules if isinstance(r, Static)]
+    others = [x for r in rules if not isinstance(r, Static) for x in ([r, Lean(r)] if a.lean else [r])]
+    strategies = [Strategy(model, r) for r in statics + others]
     if not a.no_verified and model.cfg.mtp_token_id is not None:
-        k_max = a.k_max or model.cfg.mtp_k_max or 4
-        strategies.append((f"verified static k={k_max}", model, {"static_k": k_max, "verify": True}))
-        for t in taus:
-            rule = {"tau": t, "k_max": a.k_max, "verify": True}
-            strategies.append((f"verified ConfAdapt tau={t}", model, rule))
-            if a.lean:
-                strategies.append((f"verified ConfAdapt tau={t}, lean", model, {**rule, "lean": True}))
+        k_max = Static(a.k_max or model.cfg.mtp_k_max or 4)
+        strategies += [Strategy(model, r, verify=True) for r in [k_max] + others]
     if baseline is not None:
-        strategies.insert(0, ("baseline k=1 (step 0)", baseline, {"static_k": 1}))
-    trained = model.cfg.mtp_k_max
-    return [(name + " (beyond trained k_max)" if rule.get("static_k", 0) > (trained or 99) else name,
-             m, rule) for name, m, rule in strategies]
+        strategies.insert(0, Strategy(baseline, Static(1), baseline=True))
+    return strategies
 
 
 def size_run(a, model, strategies, problems, prompter):
@@ -399,23 +402,20 @@ def size_run(a, model, strategies, problems, prompter):
     if a.samples < 1 or (a.samples > 1 and not a.temperature):
         raise DecodeError("--samples must be >= 1, and above 1 only with --temperature > 0 "
                           "(greedy decoding gives the same output every time)")
-    for name, m, rule in strategies:
-        check_request(m, [0], rule.get("static_k"), rule.get("tau"), rule.get("k_max"),
-                      **sampling_of(a))
+    for s in strategies:
+        check_request(s.model, [0], s.rule, **sampling_of(a))
     longest = max(len(prompter(row["question"])) for row in problems)
-    context = min(m.cfg.max_seq_len for _, m, _ in strategies)
+    context = min(s.model.cfg.max_seq_len for s in strategies)
     if a.max_new is None:
         a.max_new = max(1, min(256, context - longest))
-    for m in {id(m): m for _, m, _ in strategies}.values():
-        if longest + a.max_new > m.cfg.max_seq_len:
-            raise DecodeError(f"the longest prompt ({longest} tokens) + --max-new {a.max_new} "
-                              f"exceeds the model's context ({m.cfg.max_seq_len}): lower "
-                              "--max-new or use a shorter --format")
+    if longest + a.max_new > context:
+        raise DecodeError(f"the longest prompt ({longest} tokens) + --max-new {a.max_new} "
+                          f"exceeds the model's context ({context}): lower "
+                          "--max-new or use a shorter --format")
     # the longest prompt, then every pass's slots. One prompt caches its real tokens only; a
     # batch shares slots, and each pass adds the widest row's new tokens (at most `widest`,
     # one pass per committed token at worst)
-    widest = max([rule.get("static_k", 1) for _, _, rule in strategies]
-                 + [a.k_max or model.cfg.mtp_k_max or 4])
+    widest = max(s.rule.reads(model.cfg.mtp_k_max or 4) for s in strategies)
     grown = a.max_new if a.batch == 1 else widest * (a.max_new + 1)
     a.capacity = longest + grown + 2 * widest
 
@@ -454,29 +454,13 @@ def load(a):
     return model, tok, problems, prompter, teacher, strategies
 
 
-def progress_printer(total, n):
-    """progress(s, name, i): a terminal gets one line rewritten in place; a log file a line
-    every 30 s."""
-    t0, tty, last = time.perf_counter(), sys.stderr.isatty(), [time.perf_counter()]
-
-    def progress(s, name, i):
-        now, done = time.perf_counter(), s * n + i
-        if not tty and i < n and now - last[0] < 30:
-            return
-        last[0] = now
-        eta = (now - t0) / done * (total - done)
-        line = f"{name:<22} {i}/{n} | overall {done}/{total} | ETA {int(eta // 60)}:{int(eta % 60):02d}"
-        print("\r" + line + "   " if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
-    return progress
-
-
 def report(results, md, a, device, out):
     """The table, the plot and the JSON line; exit 2 if a verified output differs from static
     k=1 in fp32 (in bf16 a wide pass and a one-token pass may round a near tie differently)."""
     print(md)
     print(f"wrote {out}.md and {out}.json")
     pareto_plot(results, out + ".png")
-    best = max((r for r in results if r["strategy"].startswith("ConfAdapt")),
+    best = max((r for r in results if r["family"] == ConfAdapt.family and not r["verify"]),
                key=lambda r: r["eff_k"], default=None)
     line = {"bench": a.data, "n": results[0]["n"], "device": device, "batch": a.batch,
             "results": {r["strategy"]: [round(r["acc"], 4), round(r["eff_k"], 3),
@@ -487,8 +471,7 @@ def report(results, md, a, device, out):
                             "seed": a.seed, "samples": a.samples}
     print(json.dumps(line))
     # fidelity is a greedy check: sampled outputs differ, only their distribution is k=1's
-    broken = [r for r in results if r["strategy"].startswith("verified")
-              and r.get("same_as_k1", 1) < 1]
+    broken = [r for r in results if r["verify"] and r.get("same_as_k1", 1) < 1]
     for r in broken:
         n = round((1 - r["same_as_k1"]) * r["n"])
         line = (f"{r['strategy']}: {n} of {r['n']} outputs differ from static k=1 (first at token "
@@ -519,20 +502,20 @@ def main(argv=None):
     # graphs) the k=1 pass's capture; its engine is the one the first batch then uses
     first = [prompter(row["question"]) for row in problems[:a.batch]]
     engines = {(id(model), len(first)): make_engine(model, len(first), a.engine, a.capacity)}
-    generate_batch(model, first, max_new_tokens=16, static_k=1, engine=engines[(id(model), len(first))])
+    generate_batch(model, first, Static(1), max_new_tokens=16, engine=engines[id(model), len(first)])
 
     n = len(problems) * a.samples              # outputs per strategy
     progress = progress_printer(len(strategies) * n, n)
     results, scored = [], {}                  # scored: the teacher's NLL of each output, once
-    for s, (name, m, rule) in enumerate(strategies):
-        results.append(run_strategy(name, m, tok, problems, prompter, rule, a, teacher,
-                                    lambda i: progress(s, name, i), engines, scored))
+    for i, strategy in enumerate(strategies):
+        results.append(run_strategy(strategy, tok, problems, prompter, a, teacher,
+                                    lambda j: progress(i, strategy.name, j), engines, scored))
         if len(results) < len(strategies):      # a killed run keeps the strategies done so far
-            write_results(results, strategies, model, header +
-                          f" (partial: {len(results)} of {len(strategies)} strategies)", a, out)
+            write_results(results, header + f" (partial: {len(results)} of {len(strategies)} "
+                          "strategies)", a, out)
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    report(results, write_results(results, strategies, model, header, a, out), a, device, out)
+    report(results, write_results(results, header, a, out), a, device, out)
 
 
 if __name__ == "__main__":

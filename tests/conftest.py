@@ -1,3 +1,4 @@
+import argparse
 import os
 import sys
 
@@ -18,6 +19,24 @@ GSM8K_TRAIN = os.path.join(CACHE, "gsm8k", "train.jsonl")
 GSM8K_TEST = os.path.join(CACHE, "gsm8k", "test.jsonl")
 SMOLLM2_GGUF = os.path.join(CACHE, "SmolLM2-135M-Instruct.Q4_1.gguf")
 from compat.hf import save_pretrained
+
+
+def rules(mid):
+    """Every decoding rule the tests hold to every invariant (decode, verified decoding, batch
+    against one prompt, engines, the exact sampling test), from this one list: each rule of the
+    command lines (decode.RULE_FLAGS) at a spread of values, at --k-max 3, and read lean. `mid`
+    is a threshold among the test model's confidences, so that passes accept different counts.
+    A rule added to RULE_FLAGS joins every one of these tests with no test changed."""
+    from decode import RULE_FLAGS
+    from fast.lean import Lean
+    values = {int: [1, 2, 3, 4], float: [0.0, mid, 0.9, 1.0]}
+    out = []
+    for kind, make, _ in RULE_FLAGS.values():
+        out += [make(kind(v), argparse.Namespace(k_max=None)) for v in values[kind]]
+        out.append(make(kind(values[kind][0]), argparse.Namespace(k_max=3)))      # --k-max 3
+        out.append(Lean(make(kind(values[kind][2] if kind is int else mid),
+                             argparse.Namespace(k_max=None))))
+    return list(dict.fromkeys(out))            # each once, in order
 
 
 def tiny_config(model_type="llama", tie=True, gqa=True, vocab=61, **kw):

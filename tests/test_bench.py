@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench import fewshot_prefix, mean_se, main
+from display.pareto import series
 from conftest import GSM8K_TRAIN, save_tiny_mtp_checkpoint, tiny_config
 from model import Transformer
 from compat.hf import save_pretrained
@@ -31,7 +32,7 @@ def tiny_bench(tmp_path, out, *extra):
     if not ckpt.exists():
         save_tiny_mtp_checkpoint(ckpt)
     main(["--ckpt", str(ckpt), "--baseline", str(ckpt), "--teacher", str(ckpt), "--limit", "3",
-          "--static", "1,2", "--taus", "0.9,0.0", "--max-new", "12", "--out", str(out), *extra])
+          "--static-k", "1,2", "--tau", "0.9,0.0", "--max-new", "12", "--out", str(out), *extra])
     return json.load(open(f"{out}.json"))
 
 
@@ -54,10 +55,25 @@ def test_bench_runs_every_strategy(tmp_path, capsys):
         assert by[name]["same_as_k1"] == 1.0 and by[name]["acc"] == by["static k=1"]["acc"]
         assert by[name]["rejected"] > 0 and by[name]["eff_k"] < 3.0
     assert "same_as_k1" not in by["baseline k=1 (step 0)"]    # another model: no fidelity
+    # each row says what it is: its rule, verified or not, the baseline (nothing reads its name)
+    assert [(r["rule"], r["family"], r["verify"], r["baseline"]) for r in res[:2]] == \
+        [("static k=1", "static", False, True), ("static k=1", "static", False, False)]
+    assert [series(r) for r in res] == ["baseline"] + ["static"] * 2 + ["ConfAdapt"] * 2 + \
+        ["verified static"] + ["verified ConfAdapt"] * 2
     table = open(f"{out}.md").read()
     assert table.count("\n| ") == 10         # header, rule, 8 strategies
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(last)["n"] == 3        # one machine-readable line last
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["n"] == 3 and last["max_confadapt_eff_k"] == 3.0     # one machine-readable line
+
+
+def test_bench_takes_every_rule_flag_and_lean(tmp_path):
+    """The rule flags come from decode.RULE_FLAGS (--taus: the older spelling of --tau); --lean
+    adds a lean row after each rule but static k, verified too."""
+    res = tiny_bench(tmp_path, tmp_path / "res", "--lean", "--static-k", "1", "--taus", "0.5",
+                     "--no-verified")["results"]
+    assert [r["strategy"] for r in res] == ["baseline k=1 (step 0)", "static k=1",
+                                            "ConfAdapt tau=0.5", "ConfAdapt tau=0.5, lean"]
+    assert series(res[3]) == "ConfAdapt, lean"
 
 
 def test_a_killed_bench_keeps_the_strategies_done(tmp_path, monkeypatch):
@@ -66,11 +82,11 @@ def test_a_killed_bench_keeps_the_strategies_done(tmp_path, monkeypatch):
     import bench
     real, calls = bench.run_strategy, []
 
-    def dies_on_the_fourth(name, *args):
-        calls.append(name)
+    def dies_on_the_fourth(strategy, *args):
+        calls.append(strategy.name)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return real(name, *args)
+        return real(strategy, *args)
     monkeypatch.setattr(bench, "run_strategy", dies_on_the_fourth)
     with pytest.raises(KeyboardInterrupt):
         tiny_bench(tmp_path, tmp_path / "res")
@@ -133,8 +149,8 @@ def test_bench_fails_when_verified_differs(tmp_path, capsys, monkeypatch):
     import bench
     real = bench.generate_batch
 
-    def broken(model, prompts, **kw):               # verification that lets a guess through
-        outs, st = real(model, prompts, **kw)
+    def broken(model, prompts, rule, **kw):         # verification that lets a guess through
+        outs, st = real(model, prompts, rule, **kw)
         if kw.get("verify"):
             outs = [o[:-1] + [(o[-1] + 1) % 10] for o in outs]
         return outs, st
@@ -190,7 +206,7 @@ def test_output_path_tokenizers_and_lists_are_checked_before_any_work(tmp_path, 
     save_tiny_mtp_checkpoint(ckpt)
     save_pretrained(Transformer(tiny_config(vocab=512, max_seq_len=256)), other)
     synthetic_tokenizer(400).save(other)              # fits the vocabulary, but other ids
-    run = ["--ckpt", str(ckpt), "--limit", "2", "--static", "1", "--taus", "", "--max-new", "4"]
+    run = ["--ckpt", str(ckpt), "--limit", "2", "--static-k", "1", "--tau", "", "--max-new", "4"]
 
     def no_work(*a, **kw):
         raise AssertionError("a strategy ran before the output path was checked")
@@ -199,5 +215,5 @@ def test_output_path_tokenizers_and_lists_are_checked_before_any_work(tmp_path, 
     for flag in ("--teacher", "--baseline"):
         assert_exits(main, run + [flag, str(other), "--out", str(tmp_path / "res")],
                      f"{flag} {other} has another tokenizer", capsys)
-    assert_exits(main, run[:4] + ["--static", "1,a", "--out", str(tmp_path / "res")],
-                 "--static takes whole numbers", capsys)
+    assert_exits(main, run[:4] + ["--static-k", "1,a", "--out", str(tmp_path / "res")],
+                 "--static-k takes comma-separated int values", capsys)

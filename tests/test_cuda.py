@@ -3,12 +3,13 @@ run `python -m pytest -q tests/test_cuda.py`."""
 import pytest
 import torch
 
-from conftest import mtp_model, tiny_model
+from conftest import mtp_model, rules, tiny_model
 from data import pack
-from decode import decode_one, generate
+from decode import ConfAdapt, Static, generate, make_engine
 from distill import (autocast, load_models, load_samples, mtp_step, n_regions, parse_args,
                      supervised_weight, train)
 from compat.hf import from_pretrained
+from fast.batch import generate_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -59,9 +60,9 @@ def test_training_on_cuda_writes_a_loadable_checkpoint(tiny_init, tmp_path):
 def test_decoding_on_cuda_equals_the_cpu():
     m = mtp_model()
     prompt = [3, 14, 15, 9, 2, 6]
-    for rule in ({"static_k": 1}, {"static_k": 3}, {"tau": 0.0}):
-        cpu, _ = generate(m, prompt, max_new_tokens=20, **rule)
-        gpu, _ = generate(m.cuda(), prompt, max_new_tokens=20, **rule)
+    for rule in rules(0.0212):
+        cpu, _ = generate(m, prompt, rule, max_new_tokens=20)
+        gpu, _ = generate(m.cuda(), prompt, rule, max_new_tokens=20)
         m.cpu()
         assert gpu == cpu, rule
 
@@ -69,46 +70,46 @@ def test_decoding_on_cuda_equals_the_cpu():
 def test_cuda_graphs_decode_as_eager():
     """Passes replayed from CUDA graphs over the static cache give eager decoding's tokens, for
     one prompt and a padded batch, every rule, verified or not (fp32: the same kernels)."""
-    from decode import generate_batch, make_engine
     prompts = [[59, 15, 1], [58, 30, 41, 27, 18, 40, 33], [53, 18, 5, 40, 45, 51, 43, 10, 54]]
-    for model_type in ("llama", "gpt2"):
+    for model_type, mid in (("llama", 0.0212), ("gpt2", 0.022)):
         m = mtp_model(model_type=model_type).cuda()
-        for rule in ({"static_k": 1}, {"static_k": 3}, {"tau": 0.0212}, {"tau": 0.0}):
+        for rule in rules(mid):
             for verify in (False, True):
-                ref, _ = generate_batch(m, prompts, max_new_tokens=20, verify=verify, **rule)
+                ref, _ = generate_batch(m, prompts, rule, max_new_tokens=20, verify=verify)
                 graphs = make_engine(m, len(prompts), "graphs")       # capacity: the context
                 for _ in range(2):               # the second run replays what the first captured
-                    out, _ = generate_batch(m, prompts, max_new_tokens=20, verify=verify,
-                                            engine=graphs, **rule)
+                    out, _ = generate_batch(m, prompts, rule, max_new_tokens=20, verify=verify,
+                                            engine=graphs)
                     assert out == ref, (model_type, rule, verify)
-                one, _ = generate(m, prompts[1], max_new_tokens=20, verify=verify, **rule)
-                assert decode_one(m, prompts[1], max_new_tokens=20, verify=verify, engine="graphs",
-                                **rule)[0] == one
+                one, _ = generate(m, prompts[1], rule, max_new_tokens=20, verify=verify)
+                assert generate(m, prompts[1], rule, max_new_tokens=20, verify=verify,
+                                engine="graphs")[0] == one
 
 
 def test_cuda_graphs_capture_in_bf16():
     """A bf16 model captures and replays (its RoPE frequencies stay fp32 on the GPU: rebuilding
     them on the CPU inside a capture fails), and a replay gives the captured run's tokens."""
-    from decode import make_engine
     m = mtp_model().cuda().to(torch.bfloat16)
     prompt = [58, 30, 41, 27, 18, 40, 33]
-    for rule in ({"static_k": 1}, {"tau": 0.0}):
+    for rule in (Static(1), ConfAdapt(0.0)):
         graphs = make_engine(m, 1, "graphs")
-        first, _ = decode_one(m, prompt, max_new_tokens=20, engine=graphs, **rule)
-        again, _ = decode_one(m, prompt, max_new_tokens=20, engine=graphs, **rule)
+        first, _ = generate(m, prompt, rule, max_new_tokens=20, engine=graphs)
+        again, _ = generate(m, prompt, rule, max_new_tokens=20, engine=graphs)
         assert len(first) == 20 and again == first, rule
 
 
 def test_captures_are_prepared_outside_the_timing():
     """A new pass shape is captured by prepare() before the pass, and the stats leave it out
     (setup_ms); the prefill (the first pass, one shape per prompt length) is never captured."""
-    from decode import generate_batch, make_engine
     m = mtp_model().cuda()
     prompts = [[59, 15, 1], [58, 30, 41, 27, 18, 40, 33]]
     graphs = make_engine(m, len(prompts), "graphs")
-    ref, _ = generate_batch(m, prompts, max_new_tokens=12, tau=0.0)
-    first, st1 = generate_batch(m, prompts, max_new_tokens=12, tau=0.0, engine=graphs)
-    again, st2 = generate_batch(m, prompts, max_new_tokens=12, tau=0.0, engine=graphs)
+    ref, _ = generate_batch(m, prompts, ConfAdapt(0.0), max_new_tokens=12)
+    first, st1 = generate_batch(m, prompts, ConfAdapt(0.0), max_new_tokens=12, engine=graphs)
+    again, st2 = generate_batch(m, prompts, ConfAdapt(0.0), max_new_tokens=12, engine=graphs)
     assert first == again == ref
     assert st1["setup_ms"] > 0 and st2["setup_ms"] == 0
-    assert all(T < len(prompts[1]) for T, _ in graphs.captured)      # no prefill shape
+    # after the prefill a pass feeds at most 4 accepted tokens and 3 <MTP> slots a row; the
+    # prefill (the longest prompt and its slots) is never captured
+    widths = {T for T, _ in graphs.captured}
+    assert max(widths) <= 4 + 3 and len(prompts[1]) + 3 not in widths

@@ -6,7 +6,7 @@ from data import plain_prompt
 
 from compat.tokenizers import load_tokenizer
 from synthetic.problems import synthetic_problems
-from decode import accept_confadapt, generate
+from decode import ConfAdapt, generate
 from distill import DEFAULT_TEACHER
 from model import KVCache
 from compat.hf import from_pretrained
@@ -19,9 +19,9 @@ def test_confadapt_accepts_a_leading_run_strictly_above_tau():
                          [0.9, 0.75, 0.9, 0.9],       # the second equals tau: the run ends at 1
                          [0.9, 0.8, 0.5, 0.9],        # a leading run of 2; the 4th does not count
                          [0.5, 0.9, 0.9, 0.9]])       # the first is below: still 1 (it is NTP)
-    assert accept_confadapt(conf, 0.75).tolist() == [1, 1, 2, 1]
-    assert accept_confadapt(torch.ones(2, 4), 1.0).tolist() == [1, 1]
-    assert accept_confadapt(torch.full((4,), 0.5), 0.4).tolist() == 4      # any leading shape
+    assert ConfAdapt(0.75).accept(conf).tolist() == [1, 1, 2, 1]
+    assert ConfAdapt(1.0).accept(torch.ones(2, 4)).tolist() == [1, 1]
+    assert ConfAdapt(0.4).accept(torch.full((4,), 0.5)).tolist() == 4      # any leading shape
 
 
 def context_model():
@@ -47,7 +47,7 @@ def test_cache_pop_leaves_only_real_tokens():
     torch.testing.assert_close(step, m(torch.tensor([prompt + [first]]))[0, -1], atol=1e-4, rtol=0)
     # whole generations: ConfAdapt(1.0) reads 4 candidates a pass (3 masks to pop) and emits 1,
     # so its output is greedy k=1: each token the argmax of one cache-free forward over the text
-    out, st = generate(m, prompt, max_new_tokens=40, tau=1.0, stop_ids=tok.stop_ids)
+    out, st = generate(m, prompt, ConfAdapt(1.0), max_new_tokens=40, stop_ids=tok.stop_ids)
     logits = m(torch.tensor([prompt + out]))[0, n - 1:-1, :mtp]           # (len(out), V)
     assert out == logits.argmax(-1).tolist()
     assert len(out) > 20 and st["passes"] == len(out)

@@ -18,8 +18,11 @@ SCRIPT = os.path.join(ROOT, "tools", "gpu_run.sh")
 
 
 def row(strategy, eff_k, tokens_per_s, same=1.0, acc=0.1, nll=0.5):
-    return {"strategy": strategy, "eff_k": eff_k, "tokens_per_s": tokens_per_s, "acc": acc,
-            "same_as_k1": same, "teacher_nll": nll}
+    """A row of bench.py's OUT.json: its name, and its rule and verification apart."""
+    verify = strategy.startswith("verified ")
+    return {"strategy": strategy, "rule": strategy.removeprefix("verified "), "verify": verify,
+            "eff_k": eff_k, "tokens_per_s": tokens_per_s, "acc": acc, "same_as_k1": same,
+            "teacher_nll": nll}
 
 
 def bench_json(rows, header="gsm8k, 500 problems"):

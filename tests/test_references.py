@@ -13,7 +13,7 @@ import torch
 
 from conftest import tiny_model
 from data import pack
-from decode import accept_confadapt
+from decode import ConfAdapt
 from model import RMSNorm
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -157,10 +157,10 @@ def test_confadapt_rejects_a_confidence_equal_to_tau():
     tau = 0.75                       # exact in binary: conf == tau is exact, not a rounding accident
     conf = torch.tensor([[0.75, 0.9, 0.9], [0.9, 0.75, 0.9], [0.9, 0.9, 0.75], [0.9, 0.9, 0.9],
                          [0.5, 0.9, 0.9]])
-    assert accept_confadapt(conf, tau).tolist() == [1, 1, 2, 3, 1]
+    assert ConfAdapt(tau).accept(conf).tolist() == [1, 1, 2, 3, 1]
     levels = torch.tensor([0.5, 0.75, 0.875, 1.0])
     conf = levels[torch.randint(0, 4, (300, 5), generator=torch.Generator().manual_seed(0))]
-    for row, n in zip(conf.tolist(), accept_confadapt(conf, tau).tolist()):
+    for row, n in zip(conf.tolist(), ConfAdapt(tau).accept(conf).tolist()):
         run = 0
         while run < len(row) and row[run] > tau:
             run += 1

@@ -21,10 +21,9 @@ import time
 
 import torch
 
+from compat.tokenizers import TokenizerError, load_tokenizer
 from data import plain_prompt
-
-from compat.tokenizers import load_tokenizer, TokenizerError
-from decode import DecodeError, decode_one, load_for_decoding, make_engine, resolve_device
+from decode import DecodeError, Static, generate, load_for_decoding, make_engine, resolve_device
 from model import CheckpointError
 
 DEFAULT_PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
@@ -56,7 +55,7 @@ def timed_runs(fn, repeats, device):
 def ours(model, ids, n, engine, capacity):
     """Our static k=1 decode with a fresh engine's cache each run (graphs are kept: one engine)."""
     run = make_engine(model, 1, engine, capacity)
-    return lambda: decode_one(model, ids, max_new_tokens=n, static_k=1, engine=run)[0]
+    return lambda: generate(model, ids, Static(1), max_new_tokens=n, engine=run)[0]
 
 
 def hf_generate(path, ids, n, device, dtype):

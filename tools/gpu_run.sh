@@ -176,12 +176,12 @@ fi
 FORMAT=$($PY -c "import json, sys; print('chat' if json.load(open(sys.argv[1])).get('chat') else 'qa')" \
   "$TEACHER/tokenizer_mtp.json" 2>/dev/null || echo chat)
 bench gsm8k 360 --limit $N_BENCH --batch $N_BENCH --max-new $NEW_BENCH --dtype fp32 \
-  --engine eager --static 1 --taus 0.9,0.95 --teacher "$TEACHER"
+  --engine eager --static-k 1 --tau 0.9,0.95 --teacher "$TEACHER"
 
 # -----------------------------------------------------------------------------
 # 2./3. Speed on the student: batch 1 and 16 sequences at once (CUDA graphs on the GPU)
 
-SPEED="--max-new $NEW_SPEED --dtype $DTYPE --engine $GRAPHS --static 1 --taus 0.9"
+SPEED="--max-new $NEW_SPEED --dtype $DTYPE --engine $GRAPHS --static-k 1 --tau 0.9"
 step "2. batch 1, $N_B1 problems, $DTYPE, engine $GRAPHS: speedup over static k=1, tokens per pass"
 bench b1 240 --limit $N_B1 --batch 1 $SPEED
 step "3. 16 sequences at once, $N_B16 problems, $DTYPE, engine $GRAPHS: tokens/s over static k=1's"
