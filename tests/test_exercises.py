@@ -1,5 +1,8 @@
 """Checks for the course exercises (README, "For courses") that the other test files leave open:
 each fails on a plausible wrong reimplementation (README names the bug each one catches)."""
+import argparse
+
+import pytest
 import torch
 
 from data import plain_prompt
@@ -22,6 +25,24 @@ def test_confadapt_accepts_a_leading_run_strictly_above_tau():
     assert ConfAdapt(0.75).accept(conf).tolist() == [1, 1, 2, 1]
     assert ConfAdapt(1.0).accept(torch.ones(2, 4)).tolist() == [1, 1]
     assert ConfAdapt(0.4).accept(torch.full((4,), 0.5)).tolist() == 4      # any leading shape
+
+
+def test_product_rule():
+    """The exercise "a new rule": decode.Product(tau) accepts the leading run of candidates while
+    the product of their top-1 probabilities stays above tau, and at least one; decode.py's
+    --product makes it (one line in RULE_FLAGS). Skipped until it is written; the rest of the
+    suite then runs it through every invariant (conftest.rules reads RULE_FLAGS)."""
+    import decode
+    if "--product" not in decode.RULE_FLAGS:
+        pytest.skip("the exercise: write decode.Product and its --product line in RULE_FLAGS")
+    kind, make, _ = decode.RULE_FLAGS["--product"]
+    rule = make(kind("0.5"), argparse.Namespace(k_max=None))
+    conf = torch.tensor([[0.9, 0.8, 0.9, 0.9],       # products .9 .72 .648 .583: all four
+                         [0.4, 0.9, 0.9, 0.9],       # .4: none, but the first is always taken
+                         [1.0, 0.5, 0.9, 0.9],       # 1.0, then .5, which is not above .5
+                         [0.8, 0.7, 0.9, 0.9]])      # .8 .56 .504 .454: each is above .5, not so
+    assert rule.accept(conf).tolist() == [4, 1, 1, 3]                   # their product
+    assert rule.accept(conf[3]).tolist() == 3 and rule.reads(8) == 8
 
 
 def context_model():

@@ -257,4 +257,4 @@ def test_the_exact_test_checks_drafts():
         _, st = generate_batch(m, [PROMPT] * 50, rule, max_new_tokens=LENGTH, verify=True, seed=1,
                                temperature=temperature, top_k=top_k, top_p=top_p)
         proposing += sum(r["confirmed"] + r["rejected"] for r in st["rows"]) > 0
-    assert proposing >= len(CASES) - 3
+    assert proposing >= 6
