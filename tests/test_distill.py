@@ -9,9 +9,11 @@ import torch
 
 from conftest import assert_exits, ROOT, tiny_config
 import distill
-from distill import TrainConfig, hard_ce, lr_at, main, parse_args, plan_steps, soft_kl, train
+from distill import TrainConfig, hard_ce, lr_at, main, parse_args, soft_kl, train
 from model import Transformer
 from compat.hf import from_pretrained, save_pretrained
+from training import run_dir
+from training.run_dir import plan_steps
 
 
 def test_hard_ce_equals_naive_loop():
@@ -281,7 +283,7 @@ def test_truncate_log_forgets_only_the_records_after_the_checkpoint(tmp_path):
     recs = [{"step": 2, "loss": 1.0}, {"step": 3, "saved": "ckpt"}, {"step": 4, "loss": 0.9},
             {"step": 6, "saved": "ckpt"}]
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    distill.truncate_log(str(log), 3)
+    run_dir.truncate_log(str(log), 3)
     assert [json.loads(line) for line in open(log)] == recs[:2]
 
 
@@ -379,7 +381,7 @@ def test_resuming_a_checkpoint_from_before_the_recipes_compares_what_it_did(tiny
     train(parse_args(run_args(tiny_init, out, "--steps", "2", "--recipe", "paper")))
     path = out / "ckpt" / "train_state.pt"
     state = torch.load(path, weights_only=False)
-    for name in distill.BEFORE_SAVED:
+    for name in run_dir.BEFORE_SAVED:
         del state["args"][name]
     torch.save(state, path)
     assert_exits(main, run_args(tiny_init, out, "--steps", "4", "--resume"),
