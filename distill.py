@@ -80,7 +80,8 @@ class TrainConfig:
     pretrain: bool = arg(False, "train a small model from scratch with plain NTP (builds the "
                                 "default teacher); no teacher, no <MTP>")
     reuse_mtp: bool = arg(False, "allow an init that already has an <MTP> token, reusing its id")
-    steps: int = arg(800, "optimizer steps in total (a resumed run continues up to this)")
+    steps: int = arg(800, "optimizer steps in total (a resumed run continues up to this); fewer "
+                          "than --warmup + --cooldown: both scaled down to fit (fit_schedule)")
     minutes: float = arg(0.0, "a time budget for the training loop (loading not counted; 0 = none): "
                               "after the first --log-every steps the run plans its length once, "
                               "from their pace (at most --steps), so that its cool-down ends in time")
@@ -132,11 +133,22 @@ RECIPES = {"default": {},
 def lr_at(step, peak, warmup, cooldown, total):
     """The lr of step `step` (0-based) of a `total`-step run: linear warm-up to `peak` over
     `warmup` steps, then constant (the paper's schedule), then a linear cool-down to 0 over the
-    last `cooldown` steps (0: none). A run shorter than its cool-down decays from its first step."""
+    last `cooldown` steps (0: none). train() gives it a warm-up and cool-down that fit in the
+    run (fit_schedule)."""
     lr = peak * min(1.0, (step + 1) / max(1, warmup))
     if cooldown:
         lr *= min(1.0, (total - step) / cooldown)
     return lr
+
+
+def fit_schedule(warmup, cooldown, total):
+    """(warm-up, cool-down) of a `total`-step run: as given, or for a run shorter than the two
+    together both scaled down in proportion so that they fill it (--steps 3 with 50 + 400: 0 + 3).
+    Unfitted, every step of such a run would be cool-down, at a sliver of the peak lr."""
+    if warmup + cooldown <= total:
+        return warmup, cooldown
+    warmup = warmup * total // (warmup + cooldown)
+    return warmup, total - warmup
 
 
 def hard_ce(logits, target, weight, denom=None):
@@ -585,12 +597,15 @@ def check_config(cfg):
 # The training loop
 
 
-def print_start(cfg, raw, device, world, n_samples, accum):
-    """The run's first line on stdout: what trains where."""
+def print_start(cfg, raw, device, world, n_samples, accum, warmup, cooldown):
+    """The run's first lines on stdout: what trains where, and a schedule fitted to a short run."""
     n_params = sum(p.numel() for p in raw.parameters())
     print(f"{'pretrain' if cfg.pretrain else 'distill'}: {n_params / 1e6:.2f}M params on {device}"
           f" x{world}{' (FSDP)' if cfg.fsdp else ''}, {n_samples} samples, {accum} x "
           f"{cfg.micro_batch * world} sequences per step", flush=True)
+    if (warmup, cooldown) != (cfg.warmup, cfg.cooldown):
+        print(f"--steps {cfg.steps} is shorter than --warmup {cfg.warmup} + --cooldown "
+              f"{cfg.cooldown}: warm-up {warmup} and cool-down {cooldown} steps instead", flush=True)
 
 
 def train(cfg):
@@ -603,16 +618,17 @@ def train(cfg):
         master = rank == 0
         raw, student, teacher, tok, samples, opt, rng, stream, step = load_run(cfg, world, device, master)
         mtp_id, eos_id, accum = raw.cfg.mtp_token_id, tok.eos_id, accum_steps(cfg, world)
+        warmup, cooldown = fit_schedule(cfg.warmup, cfg.cooldown, cfg.steps)   # --minutes never needs one
         total = cfg.steps                         # --minutes plans it once, after log_every steps
         if master:
-            print_start(cfg, raw, device, world, len(samples[0]), accum)
+            print_start(cfg, raw, device, world, len(samples[0]), accum, warmup, cooldown)
             write_args(cfg, total)
         acc, t_start, start_step = fresh_stats(cfg.k), time.perf_counter(), step
         with open(os.path.join(cfg.out, "log.jsonl"), "a") if master else contextlib.nullcontext() as log:
             while step < total:
                 micro = step_batches(cfg, *samples, stream, rng, rank, world, mtp_id, eos_id, device,
                                      accum)
-                lr = lr_at(step, cfg.lr, cfg.warmup, cfg.cooldown, total)
+                lr = lr_at(step, cfg.lr, warmup, cooldown, total)
                 try:
                     train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, eos_id, device, acc)
                 except Diverged as e:

@@ -42,9 +42,11 @@ def check_options(cfg):
 
 
 def check_minutes(cfg):
-    """--minutes plans a new run's length once, after its first --log-every steps, at most
-    --steps (training/run_dir.py, plan_steps): --steps must hold those steps and the whole
-    cool-down after them."""
+    """--minutes plans a new run's length once, after its first --log-every steps: at most
+    --steps, and never shorter than those steps plus the cool-down, nor than the warm-up plus
+    the cool-down (training/run_dir.py, plan_steps). So --steps must hold both: a --minutes run
+    never needs distill.fit_schedule, whose fit would change with the planned length (its first
+    steps ran before the plan, and a resumed run is given the planned --steps)."""
     if cfg.resume:
         raise ConfigError("--minutes plans the length of a new run; a resumed run continues to "
                           "--steps: pass the step count the first run planned (its log says it)")
@@ -52,3 +54,7 @@ def check_minutes(cfg):
         raise ConfigError(f"--minutes plans the run's length after its first --log-every steps, and "
                           f"--cooldown {cfg.cooldown} would start before that in --steps {cfg.steps}: "
                           "give --steps as a cap well above the cool-down (e.g. 100000)")
+    if cfg.warmup + cfg.cooldown > cfg.steps:
+        raise ConfigError(f"--minutes needs --steps {cfg.steps} to hold --warmup {cfg.warmup} + "
+                          f"--cooldown {cfg.cooldown}: give --steps as a cap well above them "
+                          "(e.g. 100000)")

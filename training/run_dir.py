@@ -310,13 +310,15 @@ def diverged(cfg, step, e):
 # --minutes: the run's length, planned once; args.json
 
 
-def plan_steps(done, loop_s, minutes, most, cooldown):
+def plan_steps(done, loop_s, minutes, most, warmup, cooldown):
     """--minutes: the run's length, planned once from the pace of its first `done` steps, which
     took `loop_s` seconds (their first calls' overheads included, so the estimate errs short).
     At most `most`; at least enough that the cool-down starts after the steps already done
-    (their lr was made with no cool-down in sight), even if that overruns the budget."""
+    (their lr was made with no cool-down in sight) and after the whole warm-up (so that the
+    run's schedule is never fitted into a shorter one, distill.fit_schedule), even if that
+    overruns the budget."""
     left = 60 * minutes - loop_s
-    return max(done + cooldown, min(most, done + int(left / (loop_s / done))))
+    return max(max(done, warmup) + cooldown, min(most, done + int(left / (loop_s / done))))
 
 
 def plan_length(cfg, step, loop_s, world, device, log):
@@ -326,7 +328,7 @@ def plan_length(cfg, step, loop_s, world, device, log):
         t = torch.tensor([loop_s], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         loop_s = t.item()
-    total = plan_steps(step, loop_s, cfg.minutes, cfg.steps, cfg.cooldown)
+    total = plan_steps(step, loop_s, cfg.minutes, cfg.steps, cfg.warmup, cfg.cooldown)
     if log is not None:
         print(f"--minutes {cfg.minutes:g}: {step} steps took {loop_s:.1f} s, so {total} steps in "
               f"all (--steps {cfg.steps})", flush=True)
