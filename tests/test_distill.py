@@ -251,16 +251,25 @@ def test_bad_input_messages(tiny_init, tmp_path, capsys):
 
 
 def test_embedded_teacher_is_its_recipe_and_solves_held_out_problems(tmp_path):
-    """The committed teacher was made by synthetic.teacher.TEACHER_RECIPE and meets the >= 90% bar (greedy
-    k=1, through bench.py, on the first 50 of the 200 held-out problems)."""
+    """The committed teacher was made by synthetic.teacher.TEACHER_RECIPE: its args.json holds
+    every setting the recipe gives today (how the command was run aside) and its log names no
+    path outside the recipe's --out; it meets the >= 90% bar (greedy k=1, through bench.py, on
+    the first 50 of the 200 held-out problems)."""
     from dataclasses import asdict
     import bench
     from synthetic.teacher import DEFAULT_TEACHER, TEACHER_RECIPE
     with open(os.path.join(DEFAULT_TEACHER, "args.json")) as f:
         made_with = json.load(f)
     recipe = asdict(parse_args(TEACHER_RECIPE))
-    assert {k: v for k, v in made_with.items() if k not in ("out", "resume")} == \
-           {k: recipe[k] for k in made_with if k not in ("out", "resume")}
+    recipe["planned_steps"] = recipe["steps"]
+    how_run = ("out", "resume", "overwrite")
+    assert {k: v for k, v in made_with.items() if k not in how_run} == \
+           {k: v for k, v in recipe.items() if k not in how_run}
+    assert made_with["out"] == os.path.relpath(recipe["out"], ROOT)      # no machine's own path
+    for rec in map(json.loads, open(os.path.join(DEFAULT_TEACHER, "log.jsonl"))):
+        for path in (v for v in rec.values() if isinstance(v, str)):
+            assert not os.path.isabs(path), path
+            assert run_dir.lies_inside(os.path.join(ROOT, path), recipe["out"]), path
     bench.main(["--ckpt", DEFAULT_TEACHER, "--data", "synthetic", "--limit", "50", "--static", "1",
                 "--taus", "", "--out", str(tmp_path / "teacher")])
     (k1,) = json.load(open(tmp_path / "teacher.json"))["results"]
