@@ -12,25 +12,22 @@ Each micro-batch: draw k in [2, k_max] and an offset; pack it (data.pack); one s
 gives the student's argmax rollout at every supervised position; the teacher (a frozen copy of
 the init checkpoint) scores that rollout in one forward; the loss pulls the student toward the
 teacher's argmax (--teacher hard) or distribution (--teacher soft). One student forward/backward
-and one teacher forward per micro-batch.
+and one teacher forward per micro-batch. train(), at the end, is the whole loop.
 
 Outputs in --out: ckpt/ (the student in the HF layout, its tokenizer, train_state.pt; replaced
 atomically every --save-every steps and at the end), log.jsonl (one record per log interval)
-and args.json. Several processes, FSDP2 and --grad-ckpt live in parallel/, the default teacher's
-recipe in synthetic/, the GPU memory plan in tools/plan_memory.py.
+and args.json. The run directory's rules (one run at a time, --overwrite, --resume, a diverged
+run, --minutes) live in training/, several processes, FSDP2 and --grad-ckpt in parallel/, the
+default teacher's recipe in synthetic/, the GPU memory plan in tools/plan_memory.py.
 """
 import argparse
 import contextlib
-import errno
-import json
 import math
 import os
 import random
-import shutil
-import socket
 import sys
 import time
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -40,7 +37,12 @@ from data import answer_start, DataError, load_dataset, pack, sample_ids, teache
 
 from compat.tokenizers import check_vocab, load_tokenizer, TokenizerError
 from model import CheckpointError, Config, Transformer
-from compat.hf import from_pretrained, save_pretrained
+from compat.hf import from_pretrained
+from training.log import fresh_stats, interval_record, write_log
+from training.options import check_options, ConfigError, option
+from training.run_dir import (claimed_out_dir, clear_out_dir, Diverged, diverged, latest_checkpoint,
+                              load_optimizer_state, os_problem, plan_length, resume, save_run,
+                              TrainingError, write_args)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TEACHER = os.path.join(HERE, "checkpoints", "synth-teacher")   # synthetic/teacher.py
@@ -78,7 +80,8 @@ class TrainConfig:
     pretrain: bool = arg(False, "train a small model from scratch with plain NTP (builds the "
                                 "default teacher); no teacher, no <MTP>")
     reuse_mtp: bool = arg(False, "allow an init that already has an <MTP> token, reusing its id")
-    steps: int = arg(800, "optimizer steps in total (a resumed run continues up to this)")
+    steps: int = arg(800, "optimizer steps in total (a resumed run continues up to this); fewer "
+                          "than --warmup + --cooldown: both scaled down to fit (fit_schedule)")
     minutes: float = arg(0.0, "a time budget for the training loop (loading not counted; 0 = none): "
                               "after the first --log-every steps the run plans its length once, "
                               "from their pace (at most --steps), so that its cool-down ends in time")
@@ -123,125 +126,29 @@ RECIPES = {"default": {},
                      "micro_batch": 32, "lr": 2e-4, "warmup": 50, "cooldown": 400, "steps": 800}}
 
 
-def add_config_args(p, only=None):
-    """One command-line option per TrainConfig field (or per field named in `only`)."""
-    for f in fields(TrainConfig):
-        if only is not None and f.name not in only:
-            continue
-        name = "--" + f.name.replace("_", "-")
-        if f.type == "bool" or isinstance(f.default, bool):     # --x and --no-x
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f.metadata["help"])
-        else:
-            p.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"])
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_args(p)
-    return TrainConfig(**vars(parse_with_recipe(p, argv)))
-
-
-def parse_with_recipe(p, argv=None):
-    """p.parse_args(argv), --recipe's settings taking the place of the defaults (check_config
-    refuses an unknown recipe)."""
-    p.set_defaults(**RECIPES.get(p.parse_known_args(argv)[0].recipe, {}))
-    return p.parse_args(argv)
-
-
-class ConfigError(ValueError):
-    """Bad command-line input: the message says what and how to fix it."""
-
-
-def option(name):
-    return "--" + name.replace("_", "-")
-
-
-def check_config(cfg):
-    """Every setting in range before anything is loaded. `not 0 <= x` and not `x < 0`: NaN
-    compares false with everything, so only the first refuses it."""
-    for name in ("steps", "seq_len", "micro_batch", "step_tokens", "log_every", "save_every"):
-        if not getattr(cfg, name) >= 1:
-            raise ConfigError(f"{option(name)} must be >= 1 (got {getattr(cfg, name)})")
-    for name in ("warmup", "cooldown", "regions", "threads", "minutes", "weight_decay", "grad_clip",
-                 "lr"):
-        x = getattr(cfg, name)
-        if not 0 <= x < math.inf or (name == "lr" and x == 0):
-            finite = " and finite" if isinstance(x, float) else ""
-            raise ConfigError(f"{option(name)} must be {'> 0' if name == 'lr' else '>= 0'}{finite} "
-                              f"(got {x})")
-    if cfg.recipe not in RECIPES:
-        raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)} (got {cfg.recipe!r})")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda (got {cfg.device!r})")
-    if cfg.precision not in ("auto", "fp32"):
-        raise ConfigError(f"--precision must be auto or fp32 (got {cfg.precision!r})")
-    if cfg.plan:
-        raise ConfigError("the memory plan is a tool of its own: python -m tools.plan_memory with "
-                          "the same options (and --nproc, --gpu-mem)")
-    if cfg.resume and cfg.overwrite:
-        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one")
-    if cfg.minutes and cfg.resume:
-        raise ConfigError("--minutes plans the length of a new run; a resumed run continues to "
-                          "--steps: pass the step count the first run planned (its log says it)")
-    if cfg.minutes and cfg.cooldown >= cfg.steps - cfg.log_every:
-        raise ConfigError(f"--minutes plans the run's length after its first --log-every steps, and "
-                          f"--cooldown {cfg.cooldown} would start before that in --steps {cfg.steps}: "
-                          "give --steps as a cap well above the cool-down (e.g. 100000)")
-    if cfg.pretrain:
-        return
-    if cfg.k < 2:
-        raise ConfigError(f"--k is k_max, the largest k drawn; it must be >= 2 (got {cfg.k})")
-    if cfg.teacher not in ("hard", "soft") or cfg.targets not in ("teacher", "data"):
-        raise ConfigError("--teacher must be hard|soft and --targets teacher|data")
-    if cfg.supervise not in ("answer", "all") or cfg.batching not in ("sorted", "random"):
-        raise ConfigError("--supervise must be answer|all and --batching sorted|random")
-    if cfg.attention not in ("sdpa", "flex"):
-        raise ConfigError("--attention must be sdpa or flex")
-    if n_regions(cfg) < 1 or cfg.seq_len // n_regions(cfg) < cfg.k:
-        raise ConfigError(f"--seq-len {cfg.seq_len} is too short for {n_regions(cfg)} regions of "
-                          f"up to k={cfg.k} tokens: use --seq-len >= {max(1, n_regions(cfg)) * 2 * cfg.k} "
-                          "or fewer --regions")
-
-
-def n_regions(cfg):
-    return cfg.regions or cfg.seq_len // (2 * cfg.k)
-
-
-def batch_shape(cfg, rows):
-    """(ground-truth tokens N, regions M) of one micro-batch: seq_len and n_regions, or with
-    --batching sorted only as long as its longest row (rounded up to whole region strides):
-    every row keeps the regions it would have had at full length, and no padding is computed."""
-    M = n_regions(cfg)
-    if cfg.batching == "random":
-        return cfg.seq_len, M
-    stride = cfg.seq_len // M
-    n = min(cfg.seq_len, -(-max(len(r) for r in rows) // stride) * stride)
-    return n, min(M, n // stride)
-
-
 # -----------------------------------------------------------------------------
-# Pure pieces of the method: the LR schedule, the losses, the k/offset draw
+# Pure pieces of the method: the lr schedule, the losses, the k/offset draw
 
 
 def lr_at(step, peak, warmup, cooldown, total):
     """The lr of step `step` (0-based) of a `total`-step run: linear warm-up to `peak` over
     `warmup` steps, then constant (the paper's schedule), then a linear cool-down to 0 over the
-    last `cooldown` steps (0: none). A run shorter than its cool-down decays from its first step."""
+    last `cooldown` steps (0: none). train() gives it a warm-up and cool-down that fit in the
+    run (fit_schedule)."""
     lr = peak * min(1.0, (step + 1) / max(1, warmup))
     if cooldown:
         lr *= min(1.0, (total - step) / cooldown)
     return lr
 
 
-def plan_steps(done, loop_s, minutes, most, cooldown):
-    """--minutes: the run's length, planned once from the pace of its first `done` steps, which
-    took `loop_s` seconds (their first calls' overheads included, so the estimate errs short).
-    At most `most`; at least enough that the cool-down starts after the steps already done
-    (their lr was made with no cool-down in sight), even if that overruns the budget."""
-    left = 60 * minutes - loop_s
-    return max(done + cooldown, min(most, done + int(left / (loop_s / done))))
+def fit_schedule(warmup, cooldown, total):
+    """(warm-up, cool-down) of a `total`-step run: as given, or for a run shorter than the two
+    together both scaled down in proportion so that they fill it (--steps 3 with 50 + 400: 0 + 3).
+    Unfitted, every step of such a run would be cool-down, at a sliver of the peak lr."""
+    if warmup + cooldown <= total:
+        return warmup, cooldown
+    warmup = warmup * total // (warmup + cooldown)
+    return warmup, total - warmup
 
 
 def hard_ce(logits, target, weight, denom=None):
@@ -260,12 +167,15 @@ def soft_kl(logits, teacher_probs, weight, denom=None):
     return (kl * weight).sum() / (weight.sum().clamp(min=1) if denom is None else denom)
 
 
+def n_regions(cfg):
+    """M, the MTP regions per sequence: --regions, or seq_len // (2 k_max) as in the paper."""
+    return cfg.regions or cfg.seq_len // (2 * cfg.k)
+
+
 def draw_k_offset(rng, cfg):
     """k uniform in [2, k_max] (or k_max with --fixed-k); offset uniform over one region stride."""
     k = cfg.k if cfg.fixed_k else rng.randint(2, cfg.k)
     return k, rng.randrange(cfg.seq_len // n_regions(cfg))
-
-
 
 
 # -----------------------------------------------------------------------------
@@ -277,6 +187,30 @@ def supervised_weight(P, cfg):
     B, (M, k) = P.idx.size(0), P.sup.shape
     weight = P.valid[:, :, None].expand(B, M, k).float()
     return weight * (P.targets >= 0) if cfg.targets == "data" else weight
+
+
+def ntp_inputs(P):
+    """The ground truth of a packed batch, unpacked: tokens (B, N) and next-token weights (B, N-1),
+    1 up to each row's EOS (its padding is not trained on)."""
+    x = P.idx[:, P.gt]                                                # (B, N)
+    t = torch.arange(1, x.size(1), device=x.device)
+    return x, (t[None, :] < P.length[:, None]).float()
+
+
+def prefix_ntp_loss(all_logits, P, denom=None):
+    """Ablation: NTP cross-entropy at every ground-truth position (next ground-truth token).
+
+    denom: the number of such positions in the whole optimizer step (default: in this batch).
+    The prefix term keeps a count of its own rather than joining the MTP positions' count: the
+    ablation ADDS a mean NTP loss to the mean MTP loss. A pooled count would shrink the MTP
+    term by the ~N/(M k) ground-truth positions per row, by a different factor at every k drawn,
+    so the ablation would also reweigh the method's own loss. With one micro-batch per step
+    (the default config) this is the per-batch mean it always was; with several, it no longer
+    grows with their number: every position weighs the same however the step is split."""
+    x, real = ntp_inputs(P)
+    logits = all_logits[:, P.gt[:-1]]                                 # (B, N-1, V+1)
+    return hard_ce(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), real.reshape(-1),
+                   denom)
 
 
 def mtp_step(student, teacher, P, cfg, mtp_id, eos_id, denom, prefix_denom=None):
@@ -324,30 +258,6 @@ def mtp_step(student, teacher, P, cfg, mtp_id, eos_id, denom, prefix_denom=None)
     return loss, stats
 
 
-def ntp_inputs(P):
-    """The ground truth of a packed batch, unpacked: tokens (B, N) and next-token weights (B, N-1),
-    1 up to each row's EOS (its padding is not trained on)."""
-    x = P.idx[:, P.gt]                                                # (B, N)
-    t = torch.arange(1, x.size(1), device=x.device)
-    return x, (t[None, :] < P.length[:, None]).float()
-
-
-def prefix_ntp_loss(all_logits, P, denom=None):
-    """Ablation: NTP cross-entropy at every ground-truth position (next ground-truth token).
-
-    denom: the number of such positions in the whole optimizer step (default: in this batch).
-    The prefix term keeps a count of its own rather than joining the MTP positions' count: the
-    ablation ADDS a mean NTP loss to the mean MTP loss. A pooled count would shrink the MTP
-    term by the ~N/(M k) ground-truth positions per row, by a different factor at every k drawn,
-    so the ablation would also reweigh the method's own loss. With one micro-batch per step
-    (the default config) this is the per-batch mean it always was; with several, it no longer
-    grows with their number: every position weighs the same however the step is split."""
-    x, real = ntp_inputs(P)
-    logits = all_logits[:, P.gt[:-1]]                                 # (B, N-1, V+1)
-    return hard_ce(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), real.reshape(-1),
-                   denom)
-
-
 def ntp_weight(seqs):
     return sum(len(s) - 1 for s in seqs)
 
@@ -379,9 +289,68 @@ def ntp_step(model, seqs, eos_id, device, denom):
     return loss, {"tokens": w.sum()}
 
 
+# -----------------------------------------------------------------------------
+# One optimizer step: every micro-batch forward and backward, then the update
+
+
+def uses_bf16(device, cfg):
+    """The forward passes' precision: bf16 autocast on CUDA unless --precision fp32; fp32 on the CPU."""
+    return device.type == "cuda" and cfg.precision == "auto"
+
+
+def autocast(device, cfg):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, cfg))
+
+
+def optimizer_update(student, opt, cfg, loss=0.0):
+    """The end of every step: clip the gradient norm, AdamW step, zero the gradients. A step
+    whose loss (the step's sum) or gradient norm is not finite raises Diverged before the update."""
+    norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or math.inf)
+    if hasattr(norm, "full_tensor"):    # FSDP: a DTensor of which each rank holds a part
+        norm = norm.full_tensor()
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise Diverged(loss, float(norm))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, eos_id, device, acc):
+    """One optimizer step over the micro-batches: forward/backward each, then clip and AdamW.
+    The loss is the mean over ALL of the step's supervised positions (every rank's): it divides
+    by their count, taken before any forward (step_denominators). A diverged step raises
+    Diverged before it changes any weight."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    denom, prefix_denom = step_denominators(micro, cfg, world, device)
+    amp = autocast(device, cfg)
+    step_loss = 0.0
+    for i, batch in enumerate(micro):
+        # DDP: all-reduce once, after the last micro-batch; FSDP reduce-scatters each one into
+        # the sharded gradients (holding unsharded ones across micro-batches costs memory)
+        sync_later = world > 1 and not cfg.fsdp and i < len(micro) - 1
+        ctx = student.no_sync() if sync_later else torch.enable_grad()
+        with ctx, amp:
+            if cfg.pretrain:
+                loss, st = ntp_step(student, batch, eos_id, device, denom)
+            else:
+                if cfg.attention == "flex":   # one block mask: the layout is the same for every row
+                    from fast.flex import FlexMask
+                    batch.mask = FlexMask(batch.mask)
+                loss, st = mtp_step(student, teacher, batch, cfg, mtp_id, eos_id, denom, prefix_denom)
+        loss.backward()
+        step_loss += loss.item()
+        acc["loss"] += loss.item()
+        acc["tokens"] += float(st["tokens"])
+        if "conf" in st:
+            for name in ("conf", "agree", "count"):
+                acc[name][:len(st[name])] += st[name].float().cpu()
+    optimizer_update(student, opt, cfg, step_loss)
+    acc["n"] += 1
+    acc["lr"] = lr
+
 
 # -----------------------------------------------------------------------------
-# Data order, checkpoints, processes
+# The data: the sample order, each step's micro-batches
 
 
 class Stream:
@@ -414,196 +383,6 @@ class Stream:
         return out
 
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on: the message says why, and what of the run is kept."""
-
-
-def os_problem(e):
-    """An OSError in words, a full disk by name."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ("the disk is full (no space left on device): free some space, then continue with "
-                "--resume")
-    return f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
-
-
-def save_checkpoint(out, student, tok, state):
-    """Write ckpt.tmp/ in full, then swap it in for ckpt/: a kill never leaves a half checkpoint,
-    nor does a failed write (a full disk), whose ckpt.tmp/ is removed again.
-    state: train_state.pt's contents (the optimizer's state, step, data position, RNG states)."""
-    tmp, final, old = (os.path.join(out, n) for n in ("ckpt.tmp", "ckpt", "ckpt.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_pretrained(student, tmp)
-        tok.save(tmp)
-        torch.save(state, os.path.join(tmp, "train_state.pt"))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError(f"saving the checkpoint of step {state['step']} failed, the last one "
-                            f"saved is untouched: {os_problem(e)}") from None
-    if os.path.isdir(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def truncate_log(path, step):
-    """On resume, forget the records of steps after the checkpoint: they are about to be redone."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            keep = [line for line in f if json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(keep)
-
-
-def latest_checkpoint(out, required=True):
-    for name in ("ckpt", "ckpt.old"):       # ckpt.old: killed between the two renames above
-        if os.path.isfile(os.path.join(out, name, "train_state.pt")):
-            return os.path.join(out, name)
-    if required:
-        raise ConfigError(f"--resume: no checkpoint in {out}/ckpt; start a new run without --resume")
-
-
-def saved_state(ck, mmap=True):
-    """A checkpoint's train_state.pt; memory-mapped by default: reading its step or args reads
-    little."""
-    return torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False,
-                      mmap=mmap)
-
-
-# -----------------------------------------------------------------------------
-# The run directory: one run at a time in it, nothing of a run replaced unasked
-
-RUN_FILES = ("ckpt", "ckpt.old", "ckpt.tmp", "log.jsonl", "args.json")    # what a run writes
-
-
-class RunLock:
-    """OUT/lock holds "pid host" of the process whose run uses OUT, while it runs: a second run
-    into OUT is refused, naming the first; the lock of a process that is gone (same host, no such
-    pid: killed) is taken over. Creates OUT, and removes it again if the run left it empty."""
-
-    def __init__(self, out):
-        self.out, self.path, self.made = out, os.path.join(out, "lock"), not os.path.isdir(out)
-        self.me = f"{os.getpid()} {socket.gethostname()}"
-
-    def __enter__(self):
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise ConfigError(f"--out {self.out} is a file: give a directory")
-        try:
-            os.makedirs(self.out, exist_ok=True)
-            for _ in range(2):                  # a second try after removing a stale lock
-                try:
-                    with open(self.path, "x") as f:
-                        return f.write(self.me + "\n")
-                except FileExistsError:
-                    self.remove_stale()
-        except OSError as e:
-            raise ConfigError(f"--out {self.out} cannot be written: {os_problem(e)}") from None
-        raise ConfigError(f"{self.path} is taken by another run: try again, or pick another --out")
-
-    def remove_stale(self):
-        with open(self.path) as f:
-            pid, host = (f.read().split() + ["0", ""])[:2]
-        alive = host != socket.gethostname()    # another machine's process: cannot tell, so alive
-        if not alive and pid.isdigit() and int(pid) > 0:
-            try:
-                os.kill(int(pid), 0)
-                alive = True
-            except PermissionError:
-                alive = True
-            except ProcessLookupError:
-                pass
-        if alive:
-            raise ConfigError(f"{self.out} is in use by another run (pid {pid} on {host}): wait for "
-                              "it to end or pick another --out; if that process is gone, delete "
-                              f"{self.path}")
-        os.remove(self.path)
-
-    def __exit__(self, *exc):
-        with contextlib.suppress(OSError):
-            with open(self.path) as f:
-                if f.read().strip() == self.me:
-                    os.remove(self.path)
-            if self.made and not os.listdir(self.out):
-                os.rmdir(self.out)
-
-
-def lies_inside(path, folder):
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return os.path.commonpath([path, folder]) == folder
-
-
-def check_out_dir(cfg):
-    """Before anything is loaded: a new run refuses an --out that holds anything of a run, unless
-    --overwrite (clear_out_dir then replaces it, once everything has loaded), which in turn
-    refuses an --init inside --out; --resume checks its settings against the checkpoint's."""
-    if cfg.resume:
-        return check_resume(cfg)
-    held = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out, name))]
-    if held and not cfg.overwrite:
-        ck = latest_checkpoint(cfg.out, required=False)
-        step = f"; checkpoint at step {saved_state(ck)['step']}" if ck else ""
-        raise ConfigError(f"{cfg.out} already holds a run ({', '.join(held)}{step}): continue it "
-                          "with --resume, start over with --overwrite, or pick another --out")
-    if cfg.overwrite and cfg.init and os.path.exists(cfg.init) and lies_inside(cfg.init, cfg.out):
-        raise ConfigError(f"--init {cfg.init} lies inside --out {cfg.out}, which --overwrite "
-                          "clears: copy the init elsewhere first, or pick another --out")
-
-
-def clear_out_dir(cfg):
-    """--overwrite: remove the earlier run's files (only once the new run has loaded)."""
-    for name in RUN_FILES:
-        path = os.path.join(cfg.out, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
-# Settings a resumed run may give anew: how far it runs, how often it logs and saves, where and
-# how fast it computes, and how this command is run. Every other setting defines the run, and
-# --resume refuses a change to it. (--minutes: a resumed run keeps the first run's plan, below.)
-RESUMABLE = {"steps", "log_every", "save_every", "threads", "device", "compile", "attention",
-             "grad_ckpt", "out", "resume", "overwrite", "plan", "minutes"}
-
-
-# What a checkpoint written before these settings existed did: check_resume compares them.
-BEFORE_SAVED = {"recipe": "paper", "supervise": "all", "batching": "random"}
-
-
-def same_setting(old, new):
-    """Equal, or two spellings of one existing path."""
-    if old == new:
-        return True
-    paths = isinstance(old, str) and isinstance(new, str) and old and new
-    return bool(paths and os.path.exists(old) and os.path.exists(new) and os.path.samefile(old, new))
-
-
-def check_resume(cfg):
-    """--resume continues a run exactly: every setting that defines it as the checkpoint's (a
-    field missing from an older checkpoint had its default), or an error listing each change."""
-    ck = latest_checkpoint(cfg.out)
-    state = saved_state(ck)
-    saved, fsdp = state["args"], state.get("fsdp", False)
-    del state
-    if fsdp != cfg.fsdp:
-        flag = "with" if fsdp else "without"
-        raise ConfigError(f"{ck} was written {flag} --fsdp (its optimizer state is laid out for "
-                          f"that): resume it {flag} --fsdp")
-    planned = saved.get("planned_steps", saved["steps"])
-    if saved.get("minutes") and (cfg.steps, cfg.cooldown) != (planned, saved["cooldown"]):
-        raise ConfigError(f"{ck} is from a --minutes run planned to {planned} steps with a "
-                          f"{saved['cooldown']}-step cool-down: resume it with --steps {planned} "
-                          f"--cooldown {saved['cooldown']}")
-    old = {**asdict(TrainConfig()), **BEFORE_SAVED, **saved}
-    changed = [f"{option(name)} {old[name]!r} -> {new!r}" for name, new in asdict(cfg).items()
-               if name not in RESUMABLE and not same_setting(old[name], new)]
-    if changed:
-        raise ConfigError(f"{ck} was trained with other settings, and --resume continues a run "
-                          f"exactly: {', '.join(changed)}. Pass the saved ones (args.json), or "
-                          "start a new run (another --out, or --overwrite)")
-
-
 def load_samples(cfg, tok):
     """(token ids of every training sample of cfg.data, where each one's answer starts: only
     with --supervise answer, else None; it encodes every prompt a second time)."""
@@ -615,68 +394,48 @@ def load_samples(cfg, tok):
     return [s for s, _ in samples], starts
 
 
-def uses_bf16(device, cfg):
-    """The forward passes' precision: bf16 autocast on CUDA unless --precision fp32; fp32 on the CPU."""
-    return device.type == "cuda" and cfg.precision == "auto"
+def batch_shape(cfg, rows):
+    """(ground-truth tokens N, regions M) of one micro-batch: seq_len and n_regions, or with
+    --batching sorted only as long as its longest row (rounded up to whole region strides):
+    every row keeps the regions it would have had at full length, and no padding is computed."""
+    M = n_regions(cfg)
+    if cfg.batching == "random":
+        return cfg.seq_len, M
+    stride = cfg.seq_len // M
+    n = min(cfg.seq_len, -(-max(len(r) for r in rows) // stride) * stride)
+    return n, min(M, n // stride)
 
 
-def autocast(device, cfg):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, cfg))
+def step_batches(cfg, seqs, starts, stream, rng, rank, world, mtp_id, eos_id, device, accum):
+    """One optimizer step's micro-batches: this rank's share of the next samples, packed with
+    a fresh k and offset for each micro-batch (--pretrain: the plain token lists)."""
+    micro = []
+    for _ in range(accum):
+        ids = stream.take(cfg.micro_batch * world)[rank * cfg.micro_batch:(rank + 1) * cfg.micro_batch]
+        batch = [seqs[i] for i in ids]
+        if not cfg.pretrain:
+            k, offset = draw_k_offset(rng, cfg)
+            n, m = batch_shape(cfg, batch)
+            answer = None if starts is None else [starts[i] for i in ids]
+            batch = pack(batch, k, offset, m, n, mtp_id, eos_id, answer).to(device)
+        micro.append(batch)
+    return micro
 
 
-class Diverged(ArithmeticError):
-    """A step whose loss or gradient norm is not finite (train() says which step)."""
-
-    def __init__(self, loss, norm):
-        super().__init__(f"the loss is {loss:g} and the gradient norm {norm:g}")
+def accum_steps(cfg, world):
+    """Micro-batches per optimizer step (gradient accumulation), from --step-tokens."""
+    return max(1, cfg.step_tokens // (cfg.micro_batch * world * cfg.seq_len))
 
 
-def optimizer_update(student, opt, cfg, loss=0.0):
-    """The end of every step: clip the gradient norm, AdamW step, zero the gradients. A step
-    whose loss (the step's sum) or gradient norm is not finite raises Diverged before the update."""
-    norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or math.inf)
-    if hasattr(norm, "full_tensor"):    # FSDP: a DTensor of which each rank holds a part
-        norm = norm.full_tensor()
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        raise Diverged(loss, float(norm))
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def setup_processes(cfg):
-    """(rank, world, device): one process, or one of torchrun's (parallel/distributed.py)."""
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cuda and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.fsdp and "RANK" not in os.environ:
-        raise ConfigError("--fsdp shards across torchrun's processes: run it as torchrun "
-                          "--nproc_per_node N distill.py --fsdp ... (N >= 1)")
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    from parallel.distributed import setup_processes as torchrun_process
-    return torchrun_process(cuda)
-
-
-def wrap_models(student, teacher, cfg, world, device):
-    """(student, teacher) as the loop calls them: --grad-ckpt and --fsdp (parallel/), then
-    torch.compile, then DDP when there are several processes without --fsdp."""
-    if cfg.grad_ckpt or cfg.fsdp:
-        from parallel.distributed import wrap_for_processes
-        student, teacher = wrap_for_processes(student, teacher, cfg.fsdp, cfg.grad_ckpt,
-                                              uses_bf16(device, cfg))
-    if cfg.compile:
-        student = torch.compile(student)
-        teacher = torch.compile(teacher) if teacher is not None else None
-    if world > 1 and not cfg.fsdp:
-        from parallel.distributed import ddp
-        student = ddp(student)
-    return student, teacher
+def sample_stream(cfg, seqs, world):
+    """A new run's sample order (--batching sorted: each step's samples sorted by length)."""
+    lengths = [len(s) for s in seqs] if cfg.batching == "sorted" else None
+    return Stream(len(seqs), cfg.seed, lengths=lengths,
+                  group=cfg.micro_batch * world * accum_steps(cfg, world))
 
 
 # -----------------------------------------------------------------------------
-# The training loop, in phases: load, resume, one step, log, save
+# Models, processes, and everything a run loads before its first step
 
 
 def load_models(cfg, device):
@@ -717,184 +476,36 @@ def load_models(cfg, device):
     return student, teacher, tok
 
 
-def resume(cfg, rng, stream, device, master, tok):
-    """--resume (its settings checked by check_resume): (the student from the last checkpoint's
-    weights, its step, its optimizer state); the data position and both RNG states are restored
-    in place. train_state.pt is read into memory: the next save deletes it, and a memory-mapped
-    copy would keep it on disk for the whole run. Under FSDP every rank maps it (the page cache
-    holds one copy for all) and keeps copies of its own shard only (load_optimizer_state)."""
-    ck = latest_checkpoint(cfg.out)
-    state = saved_state(ck, mmap=cfg.fsdp)
-    stream.pos = state["data_pos"]
-    rng.setstate(state["rng"])
-    torch.set_rng_state(state["torch_rng"])
-    student = from_pretrained(ck, device=torch.device("cpu") if cfg.fsdp else device)
-    check_vocab(tok, student.cfg, ck)
-    if master:
-        print(f"resumed {ck} at step {state['step']}", flush=True)
-        truncate_log(os.path.join(cfg.out, "log.jsonl"), state["step"])
-    return student, state["step"], state["optimizer"]
+def setup_processes(cfg):
+    """(rank, world, device): one process, or one of torchrun's (parallel/distributed.py)."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.fsdp and "RANK" not in os.environ:
+        raise ConfigError("--fsdp shards across torchrun's processes: run it as torchrun "
+                          "--nproc_per_node N distill.py --fsdp ... (N >= 1)")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    from parallel.distributed import setup_processes as torchrun_process
+    return torchrun_process(cuda)
 
 
-def load_optimizer_state(raw, opt, optim_state, cfg):
-    if cfg.fsdp:                        # each rank takes its shard of the full state
-        from parallel.distributed import load_sharded_optimizer_state
-        load_sharded_optimizer_state(raw, opt, optim_state)
-    else:
-        opt.load_state_dict(optim_state)
-
-
-def step_batches(cfg, seqs, starts, stream, rng, rank, world, mtp_id, eos_id, device, accum):
-    """One optimizer step's micro-batches: this rank's share of the next samples, packed with
-    a fresh k and offset for each micro-batch (--pretrain: the plain token lists)."""
-    micro = []
-    for _ in range(accum):
-        ids = stream.take(cfg.micro_batch * world)[rank * cfg.micro_batch:(rank + 1) * cfg.micro_batch]
-        batch = [seqs[i] for i in ids]
-        if not cfg.pretrain:
-            k, offset = draw_k_offset(rng, cfg)
-            n, m = batch_shape(cfg, batch)
-            answer = None if starts is None else [starts[i] for i in ids]
-            batch = pack(batch, k, offset, m, n, mtp_id, eos_id, answer).to(device)
-        micro.append(batch)
-    return micro
-
-
-def accum_steps(cfg, world):
-    """Micro-batches per optimizer step (gradient accumulation), from --step-tokens."""
-    return max(1, cfg.step_tokens // (cfg.micro_batch * world * cfg.seq_len))
-
-
-def sample_stream(cfg, seqs, world):
-    """A new run's sample order (--batching sorted: each step's samples sorted by length)."""
-    lengths = [len(s) for s in seqs] if cfg.batching == "sorted" else None
-    return Stream(len(seqs), cfg.seed, lengths=lengths,
-                  group=cfg.micro_batch * world * accum_steps(cfg, world))
-
-
-def train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, eos_id, device, acc):
-    """One optimizer step over the micro-batches: forward/backward each, then clip and AdamW.
-    The loss is the mean over ALL of the step's supervised positions (every rank's): it divides
-    by their count, taken before any forward (step_denominators). A diverged step raises
-    Diverged before it changes any weight."""
-    for g in opt.param_groups:
-        g["lr"] = lr
-    denom, prefix_denom = step_denominators(micro, cfg, world, device)
-    amp = autocast(device, cfg)
-    step_loss = 0.0
-    for i, batch in enumerate(micro):
-        # DDP: all-reduce once, after the last micro-batch; FSDP reduce-scatters each one into
-        # the sharded gradients (holding unsharded ones across micro-batches costs memory)
-        sync_later = world > 1 and not cfg.fsdp and i < len(micro) - 1
-        ctx = student.no_sync() if sync_later else torch.enable_grad()
-        with ctx, amp:
-            if cfg.pretrain:
-                loss, st = ntp_step(student, batch, eos_id, device, denom)
-            else:
-                if cfg.attention == "flex":   # one block mask: the layout is the same for every row
-                    from fast.flex import FlexMask
-                    batch.mask = FlexMask(batch.mask)
-                loss, st = mtp_step(student, teacher, batch, cfg, mtp_id, eos_id, denom, prefix_denom)
-        loss.backward()
-        step_loss += loss.item()
-        acc["loss"] += loss.item()
-        acc["tokens"] += float(st["tokens"])
-        if "conf" in st:
-            for name in ("conf", "agree", "count"):
-                acc[name][:len(st[name])] += st[name].float().cpu()
-    optimizer_update(student, opt, cfg, step_loss)
-    acc["n"] += 1
-    acc["lr"] = lr
-
-
-def fresh_stats(k):
-    """What a log interval sums up, from its first step on."""
-    return {"loss": 0.0, "n": 0, "tokens": 0.0, "conf": torch.zeros(k), "agree": torch.zeros(k),
-            "count": torch.zeros(k), "t0": time.perf_counter(), "lr": 0.0}
-
-
-def interval_record(cfg, acc, step, world, device):
-    """The log record of the steps since the last one, from every rank's statistics, not only
-    rank 0's (a collective: every rank calls this)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    if world > 1:
-        packed = torch.cat([torch.tensor([acc["loss"], acc["tokens"]]), acc["conf"],
-                            acc["agree"], acc["count"]]).to(device)
-        dist.all_reduce(packed)
-        packed = packed.cpu()
-        acc["loss"], acc["tokens"] = packed[0].item() / world, packed[1].item()
-        acc["conf"], acc["agree"], acc["count"] = packed[2:].split(len(acc["conf"]))
-    dt = time.perf_counter() - acc["t0"]
-    rec = {"step": step, "loss": acc["loss"] / acc["n"], "lr": acc["lr"],
-           "step_ms": 1000 * dt / acc["n"], "sup_tok_per_s": acc["tokens"] / dt}
-    if not cfg.pretrain:
-        has = acc["count"] > 0
-        rec["conf"] = [round(float(c / n), 4) if h else None
-                       for c, n, h in zip(acc["conf"], acc["count"], has)]
-        rec["agree"] = [round(float(a / n), 4) if h else None
-                        for a, n, h in zip(acc["agree"], acc["count"], has)]
-    return rec
-
-
-def write_log(rec, total, eta, log):
-    """One record: a line or two on stdout, one line in log.jsonl."""
-    line = (f"step {rec['step']}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-            f"{rec['step_ms']:.0f} ms/step | {rec['sup_tok_per_s']:.0f} sup tok/s | "
-            f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
-    if "agree" in rec:
-        fmt = lambda xs: " ".join("-" if x is None else f"{x:.2f}" for x in xs)
-        line += f"\n    conf@j {fmt(rec['conf'])} | agree@j {fmt(rec['agree'])}"
-    print(line, flush=True)
-    log.write(json.dumps(rec, allow_nan=False) + "\n")     # bare NaN is not JSON
-    log.flush()
-
-
-def plan_length(cfg, step, loop_s, world, device, log):
-    """--minutes: the run's length, planned once (plan_steps) from the pace of its first steps
-    (the slowest rank's, so that every rank plans the same); to stdout, the log and args.json."""
-    if world > 1:
-        t = torch.tensor([loop_s], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        loop_s = t.item()
-    total = plan_steps(step, loop_s, cfg.minutes, cfg.steps, cfg.cooldown)
-    if log is not None:
-        print(f"--minutes {cfg.minutes:g}: {step} steps took {loop_s:.1f} s, so {total} steps in "
-              f"all (--steps {cfg.steps})", flush=True)
-        log.write(json.dumps({"step": step, "planned_steps": total, "loop_s": round(loop_s, 2)}) + "\n")
-        log.flush()
-        write_args(cfg, total)
-    return total
-
-
-def write_args(cfg, total):
-    """The run's settings, and the step count it runs to, in OUT/args.json."""
-    with open(os.path.join(cfg.out, "args.json"), "w") as f:
-        json.dump({**asdict(cfg), "planned_steps": total}, f, indent=1)
-
-
-def save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master):
-    """Checkpoint (every rank calls this: DDP compares the ranks' weights, FSDP gathers them)."""
-    same, student, optim = None, raw, None
-    if cfg.fsdp:
-        from parallel.distributed import gather_for_saving
-        student, optim = gather_for_saving(raw, opt)
-    else:
-        if world > 1:
-            from parallel.distributed import ranks_identical
-            same = ranks_identical(raw, world)
-            if not same:
-                raise RuntimeError("DDP ranks hold different weights")
-        optim = opt.state_dict()
-    if master:
-        save_checkpoint(cfg.out, student, tok, {
-            "optimizer": optim, "fsdp": cfg.fsdp, "step": step, "data_pos": stream.pos,
-            "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-            "args": {**asdict(cfg), "planned_steps": total}})
-        rec = {"step": step, "saved": os.path.join(cfg.out, "ckpt"), "world": world}
-        rec.update({"fsdp": True} if cfg.fsdp else {"ranks_identical": True if world == 1 else same})
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
+def wrap_models(student, teacher, cfg, world, device):
+    """(student, teacher) as the loop calls them: --grad-ckpt and --fsdp (parallel/), then
+    torch.compile, then DDP when there are several processes without --fsdp."""
+    if cfg.grad_ckpt or cfg.fsdp:
+        from parallel.distributed import wrap_for_processes
+        student, teacher = wrap_for_processes(student, teacher, cfg.fsdp, cfg.grad_ckpt,
+                                              uses_bf16(device, cfg))
+    if cfg.compile:
+        student = torch.compile(student)
+        teacher = torch.compile(teacher) if teacher is not None else None
+    if world > 1 and not cfg.fsdp:
+        from parallel.distributed import ddp
+        student = ddp(student)
+    return student, teacher
 
 
 def load_run(cfg, world, device, master):
@@ -919,6 +530,8 @@ def load_run(cfg, world, device, master):
     elif cfg.overwrite and master:
         clear_out_dir(cfg)
     raw = student
+    if not cfg.pretrain:
+        raw.cfg.mtp_k_max = cfg.k                     # decode.py reads k_max from the checkpoint
     student, teacher = wrap_models(student, teacher, cfg, world, device)
     # after sharding: FSDP2 replaces the parameters with sharded ones, which AdamW must hold
     opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -927,71 +540,118 @@ def load_run(cfg, world, device, master):
     return raw, student, teacher, tok, (seqs, starts), opt, rng, stream, step
 
 
-def diverged(cfg, step, e):
-    """The one line that stops a diverged run: the step, the likely cause, what is kept."""
-    ck = latest_checkpoint(cfg.out, required=False)
-    kept = f"{ck} keeps step {saved_state(ck)['step']}" if ck else "no checkpoint was saved yet"
-    return (f"step {step} diverged: {e}. Most likely the learning rate is too high for this model "
-            f"(--lr {cfg.lr:g}{', no --grad-clip' if not cfg.grad_clip else ''}); {kept}. "
-            "Start over with a lower --lr (--overwrite)")
+# -----------------------------------------------------------------------------
+# The command line: argparse built from TrainConfig, the method's settings checked
+
+
+def add_config_args(p, only=None):
+    """One command-line option per TrainConfig field (or per field named in `only`)."""
+    for f in fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
+        name = option(f.name)
+        if f.type == "bool" or isinstance(f.default, bool):     # --x and --no-x
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.metadata["help"])
+        else:
+            p.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_args(p)
+    return TrainConfig(**vars(parse_with_recipe(p, argv)))
+
+
+def parse_with_recipe(p, argv=None):
+    """p.parse_args(argv), --recipe's settings taking the place of the defaults (check_config
+    refuses an unknown recipe)."""
+    p.set_defaults(**RECIPES.get(p.parse_known_args(argv)[0].recipe, {}))
+    return p.parse_args(argv)
+
+
+def check_config(cfg):
+    """Every setting in range before anything is loaded: the run's options (training/options.py),
+    then the method's."""
+    check_options(cfg)
+    if cfg.recipe not in RECIPES:
+        raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)} (got {cfg.recipe!r})")
+    if cfg.pretrain:
+        return
+    if cfg.k < 2:
+        raise ConfigError(f"--k is k_max, the largest k drawn; it must be >= 2 (got {cfg.k})")
+    if cfg.teacher not in ("hard", "soft") or cfg.targets not in ("teacher", "data"):
+        raise ConfigError("--teacher must be hard|soft and --targets teacher|data")
+    if cfg.supervise not in ("answer", "all") or cfg.batching not in ("sorted", "random"):
+        raise ConfigError("--supervise must be answer|all and --batching sorted|random")
+    if cfg.attention not in ("sdpa", "flex"):
+        raise ConfigError("--attention must be sdpa or flex")
+    if n_regions(cfg) < 1 or cfg.seq_len // n_regions(cfg) < cfg.k:
+        raise ConfigError(f"--seq-len {cfg.seq_len} is too short for {n_regions(cfg)} regions of "
+                          f"up to k={cfg.k} tokens: use --seq-len >= {max(1, n_regions(cfg)) * 2 * cfg.k} "
+                          "or fewer --regions")
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def print_start(cfg, raw, device, world, n_samples, accum, warmup, cooldown):
+    """The run's first lines on stdout: what trains where, and a schedule fitted to a short run."""
+    n_params = sum(p.numel() for p in raw.parameters())
+    print(f"{'pretrain' if cfg.pretrain else 'distill'}: {n_params / 1e6:.2f}M params on {device}"
+          f" x{world}{' (FSDP)' if cfg.fsdp else ''}, {n_samples} samples, {accum} x "
+          f"{cfg.micro_batch * world} sequences per step", flush=True)
+    if (warmup, cooldown) != (cfg.warmup, cfg.cooldown):
+        print(f"--steps {cfg.steps} is shorter than --warmup {cfg.warmup} + --cooldown "
+              f"{cfg.cooldown}: warm-up {warmup} and cool-down {cooldown} steps instead", flush=True)
 
 
 def train(cfg):
-    """A whole run: the settings checked, --out claimed (RunLock) and checked, then run()."""
+    """A whole run: the settings checked, --out claimed (training/run_dir.py), everything loaded,
+    then one optimizer step at a time, the log and a checkpoint at their intervals. Returns the
+    student (unwrapped)."""
     check_config(cfg)
-    with RunLock(cfg.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
-        check_out_dir(cfg)              # every rank, before they meet: none has written yet
+    with claimed_out_dir(cfg, asdict(TrainConfig())):
         rank, world, device = setup_processes(cfg)
-        raw = run(cfg, rank, world, device)
+        master = rank == 0
+        raw, student, teacher, tok, samples, opt, rng, stream, step = load_run(cfg, world, device, master)
+        mtp_id, eos_id, accum = raw.cfg.mtp_token_id, tok.eos_id, accum_steps(cfg, world)
+        warmup, cooldown = fit_schedule(cfg.warmup, cfg.cooldown, cfg.steps)   # --minutes never needs one
+        total = cfg.steps                         # --minutes plans it once, after log_every steps
+        if master:
+            print_start(cfg, raw, device, world, len(samples[0]), accum, warmup, cooldown)
+            write_args(cfg, total)
+        acc, t_start, start_step = fresh_stats(cfg.k), time.perf_counter(), step
+        with open(os.path.join(cfg.out, "log.jsonl"), "a") if master else contextlib.nullcontext() as log:
+            while step < total:
+                micro = step_batches(cfg, *samples, stream, rng, rank, world, mtp_id, eos_id, device,
+                                     accum)
+                lr = lr_at(step, cfg.lr, warmup, cooldown, total)
+                try:
+                    train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, eos_id, device, acc)
+                except Diverged as e:
+                    raise TrainingError(diverged(cfg, step + 1, e)) from None
+                step += 1
+                if cfg.minutes and step - start_step == cfg.log_every:
+                    total = plan_length(cfg, step, time.perf_counter() - t_start, world, device, log)
+                if step % cfg.log_every == 0 or step == total:
+                    rec = interval_record(cfg, acc, step, world, device)
+                    if master:
+                        eta = (time.perf_counter() - t_start) / (step - start_step) * (total - step)
+                        write_log(rec, total, eta, log)
+                    acc = fresh_stats(cfg.k)
+                if step % cfg.save_every == 0 or step == total:
+                    t_save = time.perf_counter()
+                    save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master)
+                    acc["t0"] += time.perf_counter() - t_save     # step times exclude checkpointing
+        if master:
+            print(f"done: {step} steps in {time.perf_counter() - t_start:.0f} s; student in "
+                  f"{os.path.join(cfg.out, 'ckpt')}", flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return raw
-
-
-def run(cfg, rank, world, device):
-    """Everything loaded (load_run), then one optimizer step at a time, the log and checkpoints
-    at their intervals."""
-    master = rank == 0
-    raw, student, teacher, tok, samples, opt, rng, stream, step = load_run(cfg, world, device, master)
-    mtp_id = raw.cfg.mtp_token_id
-    if not cfg.pretrain:
-        raw.cfg.mtp_k_max = cfg.k                     # decode.py reads k_max from the checkpoint
-    accum = accum_steps(cfg, world)
-    total = cfg.steps                                 # --minutes plans it once, after log_every steps
-    if master:
-        n_params = sum(p.numel() for p in raw.parameters())
-        print(f"{'pretrain' if cfg.pretrain else 'distill'}: {n_params / 1e6:.2f}M params on {device}"
-              f" x{world}{' (FSDP)' if cfg.fsdp else ''}, {len(samples[0])} samples, {accum} x "
-              f"{cfg.micro_batch * world} sequences per step", flush=True)
-        write_args(cfg, total)
-    acc, t_start, start_step = fresh_stats(cfg.k), time.perf_counter(), step
-    with open(os.path.join(cfg.out, "log.jsonl"), "a") if master else contextlib.nullcontext() as log:
-        while step < total:
-            micro = step_batches(cfg, *samples, stream, rng, rank, world, mtp_id, tok.eos_id, device,
-                                 accum)
-            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.cooldown, total)
-            try:
-                train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, tok.eos_id, device,
-                           acc)
-            except Diverged as e:
-                raise TrainingError(diverged(cfg, step + 1, e)) from None
-            step += 1
-            if cfg.minutes and step - start_step == cfg.log_every:
-                total = plan_length(cfg, step, time.perf_counter() - t_start, world, device, log)
-            if step % cfg.log_every == 0 or step == total:
-                rec = interval_record(cfg, acc, step, world, device)
-                if master:
-                    eta = (time.perf_counter() - t_start) / (step - start_step) * (total - step)
-                    write_log(rec, total, eta, log)
-                acc = fresh_stats(cfg.k)
-            if step % cfg.save_every == 0 or step == total:
-                t_save = time.perf_counter()
-                save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master)
-                acc["t0"] += time.perf_counter() - t_save     # step times exclude checkpointing
-    if master:
-        print(f"done: {step} steps in {time.perf_counter() - t_start:.0f} s; student in "
-              f"{os.path.join(cfg.out, 'ckpt')}", flush=True)
     return raw
 
 

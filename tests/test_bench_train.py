@@ -9,7 +9,7 @@ from tools.bench_train import (load_samples, main, make_batches, mtp_train_step,
                          peak_tflops)
 from conftest import assert_exits, tiny_config
 from compat.tokenizers import load_tokenizer
-from distill import load_models, lr_at, sample_stream, supervised_weight, train
+from distill import fit_schedule, load_models, lr_at, sample_stream, supervised_weight, train
 from synthetic.problems import synthetic_problems
 from synthetic.tokenizer import synthetic_tokenizer
 from distill import parse_args as distill_args
@@ -80,7 +80,8 @@ def test_mtp_step_is_distills_first_step(tiny, tmp_path):
     cfg, _ = parse_args(bench_args(tiny))
     student, teacher, tok = load_models(cfg, torch.device("cpu"))
     P = make_batches(cfg, load_samples(cfg, tok), 1, student.cfg.mtp_token_id, tok.eos_id)[0]
-    opt = torch.optim.AdamW(student.parameters(), lr=lr_at(0, run.lr, run.warmup, run.cooldown, run.steps), weight_decay=cfg.weight_decay)
+    lr = lr_at(0, run.lr, *fit_schedule(run.warmup, run.cooldown, run.steps), run.steps)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     denom = supervised_weight(P, cfg).sum().clamp(min=1)
     mtp_train_step(student, teacher, opt, P, denom, cfg, student.cfg.mtp_token_id, tok.eos_id,
                    torch.autocast("cpu", enabled=False))

@@ -9,9 +9,11 @@ import torch
 
 from conftest import assert_exits, ROOT, tiny_config
 import distill
-from distill import TrainConfig, hard_ce, lr_at, main, parse_args, plan_steps, soft_kl, train
+from distill import TrainConfig, fit_schedule, hard_ce, lr_at, main, parse_args, soft_kl, train
 from model import Transformer
 from compat.hf import from_pretrained, save_pretrained
+from training import run_dir
+from training.run_dir import plan_steps
 
 
 def test_hard_ce_equals_naive_loop():
@@ -43,6 +45,34 @@ def test_lr_schedule():
     assert lr(20, 400) == pytest.approx(1e-3 * 80 / 400)              # longer than the run
 
 
+def test_a_schedule_longer_than_the_run_is_fitted_into_it():
+    """fit_schedule: a run at least as long as its warm-up + cool-down keeps them (the default
+    run's lr at every step as before); a shorter one gets both scaled down to fill it."""
+    for total in (450, 800, 5000):
+        assert fit_schedule(50, 400, total) == (50, 400)
+    cfg = TrainConfig()
+    assert fit_schedule(cfg.warmup, cfg.cooldown, cfg.steps) == (cfg.warmup, cfg.cooldown)
+    assert fit_schedule(50, 400, 3) == (0, 3) and fit_schedule(50, 400, 90) == (10, 80)
+    assert fit_schedule(50, 0, 20) == (20, 0) and fit_schedule(0, 400, 20) == (0, 20)
+    for total in range(1, 450):
+        warmup, cooldown = fit_schedule(50, 400, total)
+        assert warmup + cooldown == total
+        assert min(lr_at(s, 1.0, warmup, cooldown, total) for s in range(total)) >= 1 / total
+
+
+def test_a_short_run_trains_at_a_real_learning_rate(tiny_init, tmp_path, capsys):
+    """--steps 3 with the default warm-up 50 and cool-down 400: the run says so in one line and
+    trains at lr peak, 2/3 and 1/3 of it (unfitted: peak * 1/50 * 3/400 and less)."""
+    out = tmp_path / "run"
+    train(parse_args(run_args(tiny_init, out, "--steps", "3", "--log-every", "1")))
+    said = [line for line in capsys.readouterr().out.splitlines() if "shorter than" in line]
+    assert said == ["--steps 3 is shorter than --warmup 50 + --cooldown 400: warm-up 0 and "
+                    "cool-down 3 steps instead"]
+    lrs = [r["lr"] for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]
+    peak = TrainConfig().lr
+    assert lrs == pytest.approx([peak, peak * 2 / 3, peak / 3])
+
+
 def run_args(init, out, *extra):
     return ["--init", init, "--out", str(out), "--k", "4", "--seq-len", "64", "--micro-batch", "4",
             "--step-tokens", "512", "--log-every", "2", "--save-every", "3", "--threads", "1", *extra]
@@ -67,9 +97,10 @@ def test_training_modes_run_and_log(tiny_init, tmp_path, mode):
 
 def test_resume_is_exact(tiny_init, tmp_path):
     """N steps, then resume for N more == 2N steps in one go (same weights, bit for bit).
-    Constant lr: with a cool-down the schedule depends on --steps, so the first half would be
-    a different (shorter) run."""
-    flat = ("--cooldown", "0")
+    Constant lr after a warm-up both halves hold: with a cool-down (or a warm-up longer than the
+    run, fit_schedule) the schedule depends on --steps, so the first half would be a different
+    (shorter) run."""
+    flat = ("--warmup", "2", "--cooldown", "0")
     train(parse_args(run_args(tiny_init, tmp_path / "once", "--steps", "6", *flat)))
     train(parse_args(run_args(tiny_init, tmp_path / "twice", "--steps", "3", *flat)))
     train(parse_args(run_args(tiny_init, tmp_path / "twice", "--steps", "6", "--resume", *flat)))
@@ -81,12 +112,39 @@ def test_resume_is_exact(tiny_init, tmp_path):
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
 
 
+def test_a_killed_short_run_resumes_into_the_same_fitted_schedule(tiny_init, tmp_path, monkeypatch):
+    """--steps 6 under the default warm-up and cool-down (fitted: 0 + 6), killed right after its
+    step-3 checkpoint and resumed == the same 6 steps in one go: the same lr at every step, the
+    same weights bit for bit (the fit is a function of the saved settings alone)."""
+    class Killed(Exception):
+        pass
+    save_run = distill.save_run
+
+    def save_then_die(*a, **kw):
+        save_run(*a, **kw)
+        raise Killed
+    train(parse_args(run_args(tiny_init, tmp_path / "once", "--steps", "6")))
+    monkeypatch.setattr(distill, "save_run", save_then_die)
+    with pytest.raises(Killed):
+        train(parse_args(run_args(tiny_init, tmp_path / "twice", "--steps", "6")))
+    monkeypatch.undo()
+    train(parse_args(run_args(tiny_init, tmp_path / "twice", "--steps", "6", "--resume")))
+    a, b = weights(str(tmp_path / "once" / "ckpt")), weights(str(tmp_path / "twice" / "ckpt"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    lrs = [[r["lr"] for r in map(json.loads, open(tmp_path / run / "log.jsonl")) if "loss" in r]
+           for run in ("once", "twice")]
+    peak = TrainConfig().lr                 # each record: its interval's last step (2, 4, 6)
+    assert lrs[0] == lrs[1] == pytest.approx([peak * 5 / 6, peak * 3 / 6, peak / 6])
+
+
 def test_plan_steps():
     # 10 steps took 30 s of a 2-minute budget: 90 s left at 3 s a step is 30 more
-    assert plan_steps(10, 30.0, 2, 1000, 0) == 40
-    assert plan_steps(10, 30.0, 2, 25, 0) == 25           # never past the --steps given
-    assert plan_steps(10, 150.0, 2, 1000, 0) == 10        # over budget already: stop now
-    assert plan_steps(10, 150.0, 2, 1000, 5) == 15        # ... after a whole cool-down
+    assert plan_steps(10, 30.0, 2, 1000, 0, 0) == 40
+    assert plan_steps(10, 30.0, 2, 25, 0, 0) == 25        # never past the --steps given
+    assert plan_steps(10, 150.0, 2, 1000, 0, 0) == 10     # over budget already: stop now
+    assert plan_steps(10, 150.0, 2, 1000, 0, 5) == 15     # ... after a whole cool-down
+    assert plan_steps(10, 150.0, 2, 1000, 30, 5) == 35    # ... after a whole warm-up and cool-down
 
 
 @pytest.mark.parametrize("done,loop_s,minutes,cooldown", [(10, 30.0, 2, 20), (10, 150.0, 2, 20),
@@ -95,8 +153,8 @@ def test_a_plan_leaves_the_lr_of_the_steps_done_as_it_was(done, loop_s, minutes,
     """The steps before the plan ran at lr_at(..., total=--steps); the planned total must give
     them the same lr, and the cool-down its full length (the lr never jumps)."""
     cap = 1000
-    total = plan_steps(done, loop_s, minutes, cap, cooldown)
-    assert total - done >= cooldown
+    total = plan_steps(done, loop_s, minutes, cap, 3, cooldown)
+    assert total - done >= cooldown and fit_schedule(3, cooldown, total) == (3, cooldown)
     for step in range(done):
         assert lr_at(step, 1.0, 3, cooldown, total) == lr_at(step, 1.0, 3, cooldown, cap)
     if cooldown:
@@ -106,7 +164,7 @@ def test_a_plan_leaves_the_lr_of_the_steps_done_as_it_was(done, loop_s, minutes,
 def test_resuming_a_minutes_run_needs_its_plan(tiny_init, tmp_path, capsys):
     out = tmp_path / "run"
     train(parse_args(run_args(tiny_init, out, "--steps", "8", "--minutes", "100", "--cooldown", "2",
-                              "--log-every", "2", "--save-every", "4")))
+                              "--warmup", "1", "--log-every", "2", "--save-every", "4")))
     planned = json.load(open(out / "args.json"))
     assert planned["minutes"] == 100 and planned["steps"] == planned["planned_steps"] == 8
     assert_exits(main, run_args(tiny_init, out, "--steps", "100", "--resume"), "--steps 8 --cooldown 2",
@@ -176,6 +234,8 @@ def test_bad_input_messages(tiny_init, tmp_path, capsys):
     fails(run_args(tiny_init, tmp_path / "o4d", "--minutes", "1", "--resume"), "the first run planned")
     fails(run_args(tiny_init, tmp_path / "o4e", "--minutes", "1", "--steps", "100", "--cooldown", "99"),
           "would start before that in --steps 100")
+    fails(run_args(tiny_init, tmp_path / "o4f", "--minutes", "1", "--steps", "100", "--warmup", "60",
+                   "--cooldown", "50"), "--minutes needs --steps 100 to hold --warmup 60 + --cooldown 50")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     for name in os.listdir(tiny_init):
@@ -191,16 +251,30 @@ def test_bad_input_messages(tiny_init, tmp_path, capsys):
 
 
 def test_embedded_teacher_is_its_recipe_and_solves_held_out_problems(tmp_path):
+<<<<<<< HEAD
     """The committed teacher was made by synthetic.teacher.TEACHER_RECIPE and solves at least 90% (greedy
     k=1, through bench.py, on the first 50 of the 200 held-out problems)."""
+=======
+    """The committed teacher was made by synthetic.teacher.TEACHER_RECIPE: its args.json holds
+    every setting the recipe gives today (how the command was run aside) and its log names no
+    path outside the recipe's --out; it meets the >= 90% bar (greedy k=1, through bench.py, on
+    the first 50 of the 200 held-out problems)."""
+>>>>>>> distill-split
     from dataclasses import asdict
     import bench
     from synthetic.teacher import DEFAULT_TEACHER, TEACHER_RECIPE
     with open(os.path.join(DEFAULT_TEACHER, "args.json")) as f:
         made_with = json.load(f)
     recipe = asdict(parse_args(TEACHER_RECIPE))
-    assert {k: v for k, v in made_with.items() if k not in ("out", "resume")} == \
-           {k: recipe[k] for k in made_with if k not in ("out", "resume")}
+    recipe["planned_steps"] = recipe["steps"]
+    how_run = ("out", "resume", "overwrite")
+    assert {k: v for k, v in made_with.items() if k not in how_run} == \
+           {k: v for k, v in recipe.items() if k not in how_run}
+    assert made_with["out"] == os.path.relpath(recipe["out"], ROOT)      # no machine's own path
+    for rec in map(json.loads, open(os.path.join(DEFAULT_TEACHER, "log.jsonl"))):
+        for path in (v for v in rec.values() if isinstance(v, str)):
+            assert not os.path.isabs(path), path
+            assert run_dir.lies_inside(os.path.join(ROOT, path), recipe["out"]), path
     bench.main(["--ckpt", DEFAULT_TEACHER, "--data", "synthetic", "--limit", "50", "--static", "1",
                 "--taus", "", "--out", str(tmp_path / "teacher")])
     (k1,) = json.load(open(tmp_path / "teacher.json"))["results"]
@@ -281,7 +355,7 @@ def test_truncate_log_forgets_only_the_records_after_the_checkpoint(tmp_path):
     recs = [{"step": 2, "loss": 1.0}, {"step": 3, "saved": "ckpt"}, {"step": 4, "loss": 0.9},
             {"step": 6, "saved": "ckpt"}]
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    distill.truncate_log(str(log), 3)
+    run_dir.truncate_log(str(log), 3)
     assert [json.loads(line) for line in open(log)] == recs[:2]
 
 
@@ -379,7 +453,7 @@ def test_resuming_a_checkpoint_from_before_the_recipes_compares_what_it_did(tiny
     train(parse_args(run_args(tiny_init, out, "--steps", "2", "--recipe", "paper")))
     path = out / "ckpt" / "train_state.pt"
     state = torch.load(path, weights_only=False)
-    for name in distill.BEFORE_SAVED:
+    for name in run_dir.BEFORE_SAVED:
         del state["args"][name]
     torch.save(state, path)
     assert_exits(main, run_args(tiny_init, out, "--steps", "4", "--resume"),

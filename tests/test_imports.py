@@ -7,7 +7,7 @@ import sys
 
 from conftest import ROOT
 
-FOLDERS = ["compat", "synthetic", "parallel", "fast", "tools"]
+FOLDERS = ["compat", "synthetic", "parallel", "fast", "tools", "training"]
 
 
 def modules():

@@ -1,4 +1,4 @@
-"""distill.py keeps a run safe: its --out is never touched unasked (and --overwrite clears it only
+"""distill.py and training/run_dir.py keep a run safe: its --out is never touched unasked (and --overwrite clears it only
 once everything has loaded), one run at a time uses it, --resume continues exactly or refuses,
 a diverged run stops with its last good checkpoint, every bad option is one line, a full disk
 too, and a resumed run does not keep the previous train_state.pt open."""
@@ -15,9 +15,11 @@ import torch
 
 import distill
 from conftest import assert_exits, tiny_config
-from distill import Diverged, RunLock, main, optimizer_update, parse_args, train
+from distill import main, optimizer_update, parse_args, train
 from model import Transformer
 from compat.hf import from_pretrained, save_pretrained
+from training import run_dir
+from training.run_dir import Diverged, RunLock
 
 
 def run_args(init, out, *extra):
@@ -154,7 +156,7 @@ def test_resume_takes_what_may_change(tiny_init, done_run, tmp_path):
     train(parse_args(run_args(tiny_init, out, "--steps", "4", "--resume", "--log-every", "1",
                               "--save-every", "1", "--threads", "2")))
     assert torch.load(out / "ckpt" / "train_state.pt", weights_only=False)["step"] == 4
-    assert distill.RESUMABLE >= {"steps", "log_every", "save_every", "threads"}
+    assert run_dir.RESUMABLE >= {"steps", "log_every", "save_every", "threads"}
 
 
 def test_a_resumed_run_does_not_keep_the_old_train_state_open(tiny_init, done_run, tmp_path,
@@ -164,12 +166,12 @@ def test_a_resumed_run_does_not_keep_the_old_train_state_open(tiny_init, done_ru
     if not os.path.isfile("/proc/self/maps"):
         pytest.skip("needs /proc/self/maps")
     out, maps = copy_of(done_run, tmp_path / "run"), []
-    save = distill.save_checkpoint
+    save = run_dir.save_checkpoint
 
     def save_and_look(*a, **kw):
         save(*a, **kw)
         maps.extend(line for line in open("/proc/self/maps") if "train_state.pt" in line)
-    monkeypatch.setattr(distill, "save_checkpoint", save_and_look)
+    monkeypatch.setattr(run_dir, "save_checkpoint", save_and_look)
     train(parse_args(run_args(tiny_init, out, "--steps", "5", "--save-every", "1", "--resume")))
     assert maps == []
 
@@ -274,7 +276,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tin
         if len(saves) == 2:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return save(obj, path, *a, **kw)
-    monkeypatch.setattr(distill.torch, "save", full_disk_at_the_second_save)
+    monkeypatch.setattr(run_dir.torch, "save", full_disk_at_the_second_save)
     assert_exits(main, run_args(tiny_init, out, "--steps", "8"), "the disk is full", capsys)
     monkeypatch.undo()
     assert torch.load(out / "ckpt" / "train_state.pt", weights_only=False)["step"] == 3

@@ -29,11 +29,12 @@ import torch.nn as nn
 from data import DataError
 
 from compat.tokenizers import TokenizerError
-from distill import (ConfigError, TrainConfig, add_config_args, autocast, check_config, hard_ce,
-                     load_models, load_samples, mtp_step, n_regions, ntp_inputs, optimizer_update,
-                     sample_stream, step_batches, supervised_weight, uses_bf16)
+from distill import (TrainConfig, add_config_args, autocast, check_config, hard_ce, load_models,
+                     load_samples, mtp_step, n_regions, ntp_inputs, optimizer_update, sample_stream,
+                     step_batches, supervised_weight, uses_bf16)
 from fast.flex import FlexMask
 from model import CheckpointError
+from training.options import ConfigError
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity), matched in order on the device name
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),

@@ -15,9 +15,9 @@ import json
 import os
 import sys
 
-from distill import (ConfigError, TrainConfig, add_config_args, check_config, n_regions,
-                     parse_with_recipe)
+from distill import TrainConfig, add_config_args, check_config, n_regions, parse_with_recipe
 from synthetic.teacher import DEFAULT_TEACHER
+from training.options import ConfigError
 
 # The memory plan: bytes per GPU, from config.json's fields alone (no weights read)
 

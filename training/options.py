@@ -1,0 +1,60 @@
+"""
+The command line's rules that are not the method's: every number in range, a device and a
+precision that exist, and the run options that exclude each other (--resume, --overwrite,
+--minutes). distill.check_config runs these first, then checks the method's own settings.
+"""
+import math
+
+
+class ConfigError(ValueError):
+    """Bad command-line input: the message says what and how to fix it."""
+
+
+def option(name):
+    """A TrainConfig field as its command-line flag: seq_len -> --seq-len."""
+    return "--" + name.replace("_", "-")
+
+
+def check_options(cfg):
+    """Before anything is loaded. `not 0 <= x` and not `x < 0`: NaN compares false with
+    everything, so only the first refuses it."""
+    for name in ("steps", "seq_len", "micro_batch", "step_tokens", "log_every", "save_every"):
+        if not getattr(cfg, name) >= 1:
+            raise ConfigError(f"{option(name)} must be >= 1 (got {getattr(cfg, name)})")
+    for name in ("warmup", "cooldown", "regions", "threads", "minutes", "weight_decay", "grad_clip",
+                 "lr"):
+        x = getattr(cfg, name)
+        if not 0 <= x < math.inf or (name == "lr" and x == 0):
+            finite = " and finite" if isinstance(x, float) else ""
+            raise ConfigError(f"{option(name)} must be {'> 0' if name == 'lr' else '>= 0'}{finite} "
+                              f"(got {x})")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda (got {cfg.device!r})")
+    if cfg.precision not in ("auto", "fp32"):
+        raise ConfigError(f"--precision must be auto or fp32 (got {cfg.precision!r})")
+    if cfg.plan:
+        raise ConfigError("the memory plan is a tool of its own: python -m tools.plan_memory with "
+                          "the same options (and --nproc, --gpu-mem)")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one")
+    if cfg.minutes:
+        check_minutes(cfg)
+
+
+def check_minutes(cfg):
+    """--minutes plans a new run's length once, after its first --log-every steps: at most
+    --steps, and never shorter than those steps plus the cool-down, nor than the warm-up plus
+    the cool-down (training/run_dir.py, plan_steps). So --steps must hold both: a --minutes run
+    never needs distill.fit_schedule, whose fit would change with the planned length (its first
+    steps ran before the plan, and a resumed run is given the planned --steps)."""
+    if cfg.resume:
+        raise ConfigError("--minutes plans the length of a new run; a resumed run continues to "
+                          "--steps: pass the step count the first run planned (its log says it)")
+    if cfg.cooldown >= cfg.steps - cfg.log_every:
+        raise ConfigError(f"--minutes plans the run's length after its first --log-every steps, and "
+                          f"--cooldown {cfg.cooldown} would start before that in --steps {cfg.steps}: "
+                          "give --steps as a cap well above the cool-down (e.g. 100000)")
+    if cfg.warmup + cfg.cooldown > cfg.steps:
+        raise ConfigError(f"--minutes needs --steps {cfg.steps} to hold --warmup {cfg.warmup} + "
+                          f"--cooldown {cfg.cooldown}: give --steps as a cap well above them "
+                          "(e.g. 100000)")

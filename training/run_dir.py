@@ -1,0 +1,344 @@
+"""
+The run directory (--out) of distill.py, kept safe: one run at a time in it (RunLock), nothing
+of a run replaced unasked (--overwrite, check_out_dir), --resume continuing a run exactly or
+refusing (check_resume, resume), checkpoints swapped in whole (save_checkpoint), a diverged run
+stopped with its last good checkpoint named (Diverged), and --minutes' plan of a run's length
+(plan_steps), written to args.json with every setting. It imports nothing of distill.py: what it
+needs of TrainConfig (its defaults) comes in as an argument.
+
+    OUT/lock        "pid host" of the process whose run uses OUT, while it runs
+    OUT/ckpt/       the student (HF layout), its tokenizer, train_state.pt (optimizer, step,
+                    data position, RNG states, the run's settings)
+    OUT/log.jsonl   one record per log interval, per checkpoint, and --minutes' plan
+    OUT/args.json   the run's settings and the step count it runs to
+"""
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from compat.hf import from_pretrained, save_pretrained
+from compat.tokenizers import check_vocab
+from training.options import ConfigError, option
+
+RUN_FILES = ("ckpt", "ckpt.old", "ckpt.tmp", "log.jsonl", "args.json")    # what a run writes
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: the message says why, and what of the run is kept."""
+
+
+def os_problem(e):
+    """An OSError in words, a full disk by name."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ("the disk is full (no space left on device): free some space, then continue with "
+                "--resume")
+    return f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
+
+
+# -----------------------------------------------------------------------------
+# One run at a time in --out, nothing of a run replaced unasked
+
+
+class RunLock:
+    """OUT/lock holds "pid host" of the process whose run uses OUT, while it runs: a second run
+    into OUT is refused, naming the first; the lock of a process that is gone (same host, no such
+    pid: killed) is taken over. Creates OUT, and removes it again if the run left it empty."""
+
+    def __init__(self, out):
+        self.out, self.path, self.made = out, os.path.join(out, "lock"), not os.path.isdir(out)
+        self.me = f"{os.getpid()} {socket.gethostname()}"
+
+    def __enter__(self):
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ConfigError(f"--out {self.out} is a file: give a directory")
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            for _ in range(2):                  # a second try after removing a stale lock
+                try:
+                    with open(self.path, "x") as f:
+                        return f.write(self.me + "\n")
+                except FileExistsError:
+                    self.remove_stale()
+        except OSError as e:
+            raise ConfigError(f"--out {self.out} cannot be written: {os_problem(e)}") from None
+        raise ConfigError(f"{self.path} is taken by another run: try again, or pick another --out")
+
+    def remove_stale(self):
+        with open(self.path) as f:
+            pid, host = (f.read().split() + ["0", ""])[:2]
+        alive = host != socket.gethostname()    # another machine's process: cannot tell, so alive
+        if not alive and pid.isdigit() and int(pid) > 0:
+            try:
+                os.kill(int(pid), 0)
+                alive = True
+            except PermissionError:
+                alive = True
+            except ProcessLookupError:
+                pass
+        if alive:
+            raise ConfigError(f"{self.out} is in use by another run (pid {pid} on {host}): wait for "
+                              "it to end or pick another --out; if that process is gone, delete "
+                              f"{self.path}")
+        os.remove(self.path)
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            with open(self.path) as f:
+                if f.read().strip() == self.me:
+                    os.remove(self.path)
+            if self.made and not os.listdir(self.out):
+                os.rmdir(self.out)
+
+
+@contextlib.contextmanager
+def claimed_out_dir(cfg, defaults):
+    """--out for the length of a run: locked by its first process (RunLock; torchrun's others
+    share its lock) and checked by every process before they meet, when none has written yet
+    (check_out_dir). defaults: TrainConfig's, as a dict."""
+    with RunLock(cfg.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        check_out_dir(cfg, defaults)
+        yield
+
+
+def lies_inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_out_dir(cfg, defaults):
+    """Before anything is loaded: a new run refuses an --out that holds anything of a run, unless
+    --overwrite (clear_out_dir then replaces it, once everything has loaded), which in turn
+    refuses an --init inside --out; --resume checks its settings against the checkpoint's."""
+    if cfg.resume:
+        return check_resume(cfg, defaults)
+    held = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out, name))]
+    if held and not cfg.overwrite:
+        ck = latest_checkpoint(cfg.out, required=False)
+        step = f"; checkpoint at step {saved_state(ck)['step']}" if ck else ""
+        raise ConfigError(f"{cfg.out} already holds a run ({', '.join(held)}{step}): continue it "
+                          "with --resume, start over with --overwrite, or pick another --out")
+    if cfg.overwrite and cfg.init and os.path.exists(cfg.init) and lies_inside(cfg.init, cfg.out):
+        raise ConfigError(f"--init {cfg.init} lies inside --out {cfg.out}, which --overwrite "
+                          "clears: copy the init elsewhere first, or pick another --out")
+
+
+def clear_out_dir(cfg):
+    """--overwrite: remove the earlier run's files (only once the new run has loaded)."""
+    for name in RUN_FILES:
+        path = os.path.join(cfg.out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+# -----------------------------------------------------------------------------
+# --resume continues a run exactly, or refuses
+
+# Settings a resumed run may give anew: how far it runs, how often it logs and saves, where and
+# how fast it computes, and how this command is run. Every other setting defines the run, and
+# --resume refuses a change to it. (--minutes: a resumed run keeps the first run's plan, below.)
+RESUMABLE = {"steps", "log_every", "save_every", "threads", "device", "compile", "attention",
+             "grad_ckpt", "out", "resume", "overwrite", "plan", "minutes"}
+
+# What a checkpoint written before these settings existed did: check_resume compares them.
+BEFORE_SAVED = {"recipe": "paper", "supervise": "all", "batching": "random"}
+
+
+def same_setting(old, new):
+    """Equal, or two spellings of one existing path."""
+    if old == new:
+        return True
+    paths = isinstance(old, str) and isinstance(new, str) and old and new
+    return bool(paths and os.path.exists(old) and os.path.exists(new) and os.path.samefile(old, new))
+
+
+def check_resume(cfg, defaults):
+    """--resume continues a run exactly: every setting that defines it as the checkpoint's (a
+    field missing from an older checkpoint had its default: `defaults`, TrainConfig's as a
+    dict), or an error listing each change."""
+    ck = latest_checkpoint(cfg.out)
+    state = saved_state(ck)
+    saved, fsdp = state["args"], state.get("fsdp", False)
+    del state
+    if fsdp != cfg.fsdp:
+        flag = "with" if fsdp else "without"
+        raise ConfigError(f"{ck} was written {flag} --fsdp (its optimizer state is laid out for "
+                          f"that): resume it {flag} --fsdp")
+    planned = saved.get("planned_steps", saved["steps"])
+    if saved.get("minutes") and (cfg.steps, cfg.cooldown) != (planned, saved["cooldown"]):
+        raise ConfigError(f"{ck} is from a --minutes run planned to {planned} steps with a "
+                          f"{saved['cooldown']}-step cool-down: resume it with --steps {planned} "
+                          f"--cooldown {saved['cooldown']}")
+    old = {**defaults, **BEFORE_SAVED, **saved}
+    changed = [f"{option(name)} {old[name]!r} -> {new!r}" for name, new in asdict(cfg).items()
+               if name not in RESUMABLE and not same_setting(old[name], new)]
+    if changed:
+        raise ConfigError(f"{ck} was trained with other settings, and --resume continues a run "
+                          f"exactly: {', '.join(changed)}. Pass the saved ones (args.json), or "
+                          "start a new run (another --out, or --overwrite)")
+
+
+def resume(cfg, rng, stream, device, master, tok):
+    """--resume (its settings checked by check_resume): (the student from the last checkpoint's
+    weights, its step, its optimizer state); the data position and both RNG states are restored
+    in place. train_state.pt is read into memory: the next save deletes it, and a memory-mapped
+    copy would keep it on disk for the whole run. Under FSDP every rank maps it (the page cache
+    holds one copy for all) and keeps copies of its own shard only (load_optimizer_state)."""
+    ck = latest_checkpoint(cfg.out)
+    state = saved_state(ck, mmap=cfg.fsdp)
+    stream.pos = state["data_pos"]
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    student = from_pretrained(ck, device=torch.device("cpu") if cfg.fsdp else device)
+    check_vocab(tok, student.cfg, ck)
+    if master:
+        print(f"resumed {ck} at step {state['step']}", flush=True)
+        truncate_log(os.path.join(cfg.out, "log.jsonl"), state["step"])
+    return student, state["step"], state["optimizer"]
+
+
+def load_optimizer_state(raw, opt, optim_state, cfg):
+    if cfg.fsdp:                        # each rank takes its shard of the full state
+        from parallel.distributed import load_sharded_optimizer_state
+        load_sharded_optimizer_state(raw, opt, optim_state)
+    else:
+        opt.load_state_dict(optim_state)
+
+
+def truncate_log(path, step):
+    """On resume, forget the records of steps after the checkpoint: they are about to be redone."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            keep = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(keep)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints, swapped in whole
+
+
+def save_checkpoint(out, student, tok, state):
+    """Write ckpt.tmp/ in full, then swap it in for ckpt/: a kill never leaves a half checkpoint,
+    nor does a failed write (a full disk), whose ckpt.tmp/ is removed again.
+    state: train_state.pt's contents (the optimizer's state, step, data position, RNG states)."""
+    tmp, final, old = (os.path.join(out, n) for n in ("ckpt.tmp", "ckpt", "ckpt.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_pretrained(student, tmp)
+        tok.save(tmp)
+        torch.save(state, os.path.join(tmp, "train_state.pt"))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"saving the checkpoint of step {state['step']} failed, the last one "
+                            f"saved is untouched: {os_problem(e)}") from None
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out, required=True):
+    for name in ("ckpt", "ckpt.old"):       # ckpt.old: killed between the two renames above
+        if os.path.isfile(os.path.join(out, name, "train_state.pt")):
+            return os.path.join(out, name)
+    if required:
+        raise ConfigError(f"--resume: no checkpoint in {out}/ckpt; start a new run without --resume")
+
+
+def saved_state(ck, mmap=True):
+    """A checkpoint's train_state.pt; memory-mapped by default: reading its step or args reads
+    little."""
+    return torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False,
+                      mmap=mmap)
+
+
+def save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master):
+    """Checkpoint (every rank calls this: DDP compares the ranks' weights, FSDP gathers them)."""
+    same, student, optim = None, raw, None
+    if cfg.fsdp:
+        from parallel.distributed import gather_for_saving
+        student, optim = gather_for_saving(raw, opt)
+    else:
+        if world > 1:
+            from parallel.distributed import ranks_identical
+            same = ranks_identical(raw, world)
+            if not same:
+                raise RuntimeError("DDP ranks hold different weights")
+        optim = opt.state_dict()
+    if master:
+        save_checkpoint(cfg.out, student, tok, {
+            "optimizer": optim, "fsdp": cfg.fsdp, "step": step, "data_pos": stream.pos,
+            "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+            "args": {**asdict(cfg), "planned_steps": total}})
+        rec = {"step": step, "saved": os.path.join(cfg.out, "ckpt"), "world": world}
+        rec.update({"fsdp": True} if cfg.fsdp else {"ranks_identical": True if world == 1 else same})
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+
+# -----------------------------------------------------------------------------
+# A diverged run stops; its last good checkpoint and a valid log stay
+
+
+class Diverged(ArithmeticError):
+    """A step whose loss or gradient norm is not finite (train() says which step)."""
+
+    def __init__(self, loss, norm):
+        super().__init__(f"the loss is {loss:g} and the gradient norm {norm:g}")
+
+
+def diverged(cfg, step, e):
+    """The one line that stops a diverged run: the step, the likely cause, what is kept."""
+    ck = latest_checkpoint(cfg.out, required=False)
+    kept = f"{ck} keeps step {saved_state(ck)['step']}" if ck else "no checkpoint was saved yet"
+    return (f"step {step} diverged: {e}. Most likely the learning rate is too high for this model "
+            f"(--lr {cfg.lr:g}{', no --grad-clip' if not cfg.grad_clip else ''}); {kept}. "
+            "Start over with a lower --lr (--overwrite)")
+
+
+# -----------------------------------------------------------------------------
+# --minutes: the run's length, planned once; args.json
+
+
+def plan_steps(done, loop_s, minutes, most, warmup, cooldown):
+    """--minutes: the run's length, planned once from the pace of its first `done` steps, which
+    took `loop_s` seconds (their first calls' overheads included, so the estimate errs short).
+    At most `most`; at least enough that the cool-down starts after the steps already done
+    (their lr was made with no cool-down in sight) and after the whole warm-up (so that the
+    run's schedule is never fitted into a shorter one, distill.fit_schedule), even if that
+    overruns the budget."""
+    left = 60 * minutes - loop_s
+    return max(max(done, warmup) + cooldown, min(most, done + int(left / (loop_s / done))))
+
+
+def plan_length(cfg, step, loop_s, world, device, log):
+    """--minutes: the run's length, planned once (plan_steps) from the pace of its first steps
+    (the slowest rank's, so that every rank plans the same); to stdout, the log and args.json."""
+    if world > 1:
+        t = torch.tensor([loop_s], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        loop_s = t.item()
+    total = plan_steps(step, loop_s, cfg.minutes, cfg.steps, cfg.warmup, cfg.cooldown)
+    if log is not None:
+        print(f"--minutes {cfg.minutes:g}: {step} steps took {loop_s:.1f} s, so {total} steps in "
+              f"all (--steps {cfg.steps})", flush=True)
+        log.write(json.dumps({"step": step, "planned_steps": total, "loop_s": round(loop_s, 2)}) + "\n")
+        log.flush()
+        write_args(cfg, total)
+    return total
+
+
+def write_args(cfg, total):
+    """The run's settings, and the step count it runs to, in OUT/args.json."""
+    with open(os.path.join(cfg.out, "args.json"), "w") as f:
+        json.dump({**asdict(cfg), "planned_steps": total}, f, indent=1)
