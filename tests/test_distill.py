@@ -251,15 +251,10 @@ def test_bad_input_messages(tiny_init, tmp_path, capsys):
 
 
 def test_embedded_teacher_is_its_recipe_and_solves_held_out_problems(tmp_path):
-<<<<<<< HEAD
-    """The committed teacher was made by synthetic.teacher.TEACHER_RECIPE and solves at least 90% (greedy
-    k=1, through bench.py, on the first 50 of the 200 held-out problems)."""
-=======
     """The committed teacher was made by synthetic.teacher.TEACHER_RECIPE: its args.json holds
     every setting the recipe gives today (how the command was run aside) and its log names no
-    path outside the recipe's --out; it meets the >= 90% bar (greedy k=1, through bench.py, on
+    path outside the recipe's --out; it solves at least 90% (greedy k=1, through bench.py, on
     the first 50 of the 200 held-out problems)."""
->>>>>>> distill-split
     from dataclasses import asdict
     import bench
     from synthetic.teacher import DEFAULT_TEACHER, TEACHER_RECIPE
