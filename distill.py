@@ -27,22 +27,26 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import answer_start, DataError, load_dataset, pack, sample_ids, teacher_input
-
-from compat.tokenizers import check_vocab, load_tokenizer, TokenizerError
-from model import CheckpointError, Config, Transformer
 from compat.hf import from_pretrained
+from compat.hub import resolve_checkpoint
+from compat.tokenizers import TokenizerError, check_vocab, load_tokenizer
+from data import DataError, pack, teacher_input
+from model import CheckpointError, Config, Transformer
+from parallel.distributed import setup_processes, wrap_models
+from synthetic.teacher import SYNTH_TEACHER, build_default_teacher
+from synthetic.tokenizer import synthetic_tokenizer
 from training.log import fresh_stats, interval_record, write_log
-from training.options import check_options, ConfigError, option
-from training.run_dir import (claimed_out_dir, clear_out_dir, Diverged, diverged, latest_checkpoint,
-                              load_optimizer_state, os_problem, plan_length, resume, save_run,
-                              TrainingError, write_args)
+from training.options import ConfigError, add_config_args, check_options, parse_with_recipe
+from training.run_dir import (Diverged, TrainingError, claimed_out_dir, clear_out_dir, diverged,
+                              latest_checkpoint, load_optimizer_state, os_problem, plan_length,
+                              resume, save_run, write_args)
+from training.samples import accum_steps, load_samples, sample_stream
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TEACHER = os.path.join(HERE, "checkpoints", "synth-teacher")   # synthetic/teacher.py
@@ -353,47 +357,6 @@ def train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, eos_id, dev
 # The data: the sample order, each step's micro-batches
 
 
-class Stream:
-    """The global sample order: a seeded permutation per epoch; `pos` = samples consumed so far,
-    saved in the checkpoint so a resumed run sees exactly the samples it would have seen.
-    lengths (--batching sorted): each run of `group` samples of the permutation (one optimizer
-    step's, all ranks') is sorted by length, so that its micro-batches hold neighbouring lengths
-    while every step still draws its samples at random."""
-
-    def __init__(self, n, seed, pos=0, lengths=None, group=1):
-        self.n, self.seed, self.pos, self.lengths, self.group = n, seed, pos, lengths, group
-
-    def order(self, epoch):
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.n, generator=g)
-        if self.lengths is None:
-            return order
-        lengths = torch.tensor(self.lengths)
-        return torch.cat([run[torch.argsort(lengths[run], stable=True)]
-                          for run in order.split(self.group)])
-
-    def take(self, count):
-        out = []
-        for p in range(self.pos, self.pos + count):
-            epoch, i = divmod(p, self.n)
-            if i == 0 or not out:
-                order = self.order(epoch)
-            out.append(int(order[i]))
-        self.pos += count
-        return out
-
-
-def load_samples(cfg, tok):
-    """(token ids of every training sample of cfg.data, where each one's answer starts: only
-    with --supervise answer, else None; it encodes every prompt a second time)."""
-    rows = load_dataset(cfg.data, "train", cfg.data if cfg.data.endswith(".jsonl") else None)
-    samples = [(s, r) for s, r in ((sample_ids(tok, r), r) for r in rows) if len(s) > 1]
-    if not samples:
-        raise ConfigError(f"dataset {cfg.data!r} has no usable rows")
-    starts = [answer_start(tok, r, s) for s, r in samples] if cfg.supervise == "answer" else None
-    return [s for s, _ in samples], starts
-
-
 def batch_shape(cfg, rows):
     """(ground-truth tokens N, regions M) of one micro-batch: seq_len and n_regions, or with
     --batching sorted only as long as its longest row (rounded up to whole region strides):
@@ -422,18 +385,6 @@ def step_batches(cfg, seqs, starts, stream, rng, rank, world, mtp_id, eos_id, de
     return micro
 
 
-def accum_steps(cfg, world):
-    """Micro-batches per optimizer step (gradient accumulation), from --step-tokens."""
-    return max(1, cfg.step_tokens // (cfg.micro_batch * world * cfg.seq_len))
-
-
-def sample_stream(cfg, seqs, world):
-    """A new run's sample order (--batching sorted: each step's samples sorted by length)."""
-    lengths = [len(s) for s in seqs] if cfg.batching == "sorted" else None
-    return Stream(len(seqs), cfg.seed, lengths=lengths,
-                  group=cfg.micro_batch * world * accum_steps(cfg, world))
-
-
 # -----------------------------------------------------------------------------
 # Models, processes, and everything a run loads before its first step
 
@@ -444,9 +395,7 @@ def load_models(cfg, device):
     needs no fp32 copy. With --fsdp both are loaded on the CPU: sharding moves them to `device`."""
     where = torch.device("cpu") if cfg.fsdp else device
     if cfg.pretrain:                    # the default teacher's recipe (synthetic/teacher.py)
-        from synthetic.teacher import SYNTH_TEACHER
         if cfg.data == "synthetic":
-            from synthetic.tokenizer import synthetic_tokenizer
             tok = synthetic_tokenizer(SYNTH_TEACHER.vocab_size)
         else:
             tok = load_tokenizer("gpt2")
@@ -455,11 +404,9 @@ def load_models(cfg, device):
         return Transformer(mcfg).to(where), None, tok
     init = cfg.init or DEFAULT_TEACHER
     if not cfg.init and not os.path.isfile(os.path.join(DEFAULT_TEACHER, "model.safetensors")):
-        from synthetic.teacher import build_default_teacher
         build_default_teacher(lambda argv: train(parse_args(argv)),
                               resuming=latest_checkpoint(DEFAULT_TEACHER, required=False) is not None)
     if not os.path.isdir(init):         # a hub name such as "gpt2": downloaded to $MTP_CACHE
-        from compat.hub import resolve_checkpoint
         init = resolve_checkpoint(init)
     tok = load_tokenizer(init)
     teacher_dtype = torch.bfloat16 if uses_bf16(device, cfg) else torch.float32
@@ -474,38 +421,6 @@ def load_models(cfg, device):
                           "an MTP checkpoint. Continue its run with --out RUN --resume, or pass "
                           "--reuse-mtp to distill it further with the same token")
     return student, teacher, tok
-
-
-def setup_processes(cfg):
-    """(rank, world, device): one process, or one of torchrun's (parallel/distributed.py)."""
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cuda and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.fsdp and "RANK" not in os.environ:
-        raise ConfigError("--fsdp shards across torchrun's processes: run it as torchrun "
-                          "--nproc_per_node N distill.py --fsdp ... (N >= 1)")
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    from parallel.distributed import setup_processes as torchrun_process
-    return torchrun_process(cuda)
-
-
-def wrap_models(student, teacher, cfg, world, device):
-    """(student, teacher) as the loop calls them: --grad-ckpt and --fsdp (parallel/), then
-    torch.compile, then DDP when there are several processes without --fsdp."""
-    if cfg.grad_ckpt or cfg.fsdp:
-        from parallel.distributed import wrap_for_processes
-        student, teacher = wrap_for_processes(student, teacher, cfg.fsdp, cfg.grad_ckpt,
-                                              uses_bf16(device, cfg))
-    if cfg.compile:
-        student = torch.compile(student)
-        teacher = torch.compile(teacher) if teacher is not None else None
-    if world > 1 and not cfg.fsdp:
-        from parallel.distributed import ddp
-        student = ddp(student)
-    return student, teacher
 
 
 def load_run(cfg, world, device, master):
@@ -532,7 +447,7 @@ def load_run(cfg, world, device, master):
     raw = student
     if not cfg.pretrain:
         raw.cfg.mtp_k_max = cfg.k                     # decode.py reads k_max from the checkpoint
-    student, teacher = wrap_models(student, teacher, cfg, world, device)
+    student, teacher = wrap_models(student, teacher, cfg, world, uses_bf16(device, cfg))
     # after sharding: FSDP2 replaces the parameters with sharded ones, which AdamW must hold
     opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if optim_state is not None:         # the loaded state goes with this function's return
@@ -544,31 +459,11 @@ def load_run(cfg, world, device, master):
 # The command line: argparse built from TrainConfig, the method's settings checked
 
 
-def add_config_args(p, only=None):
-    """One command-line option per TrainConfig field (or per field named in `only`)."""
-    for f in fields(TrainConfig):
-        if only is not None and f.name not in only:
-            continue
-        name = option(f.name)
-        if f.type == "bool" or isinstance(f.default, bool):     # --x and --no-x
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f.metadata["help"])
-        else:
-            p.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"])
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_args(p)
-    return TrainConfig(**vars(parse_with_recipe(p, argv)))
-
-
-def parse_with_recipe(p, argv=None):
-    """p.parse_args(argv), --recipe's settings taking the place of the defaults (check_config
-    refuses an unknown recipe)."""
-    p.set_defaults(**RECIPES.get(p.parse_known_args(argv)[0].recipe, {}))
-    return p.parse_args(argv)
+    add_config_args(p, TrainConfig)
+    return TrainConfig(**vars(parse_with_recipe(p, RECIPES, argv)))
 
 
 def check_config(cfg):

@@ -2,7 +2,7 @@
 Several processes (torchrun) and memory saving at scale, for distill.py: DDP, FSDP2 sharding of
 the student and the frozen teacher, activation checkpointing (--grad-ckpt), and gathering the
 sharded student and optimizer state onto rank 0 for an ordinary checkpoint. distill.py imports
-this module only when a run uses one of them; docs/SCALING.md has the measurements.
+setup_processes and wrap_models; docs/SCALING.md has the measurements.
 
     torchrun --nproc_per_node 8 distill.py ...                                  # DDP
     torchrun --nproc_per_node 4 distill.py --fsdp --grad-ckpt --init DIR ...    # FSDP2
@@ -15,9 +15,25 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from model import Transformer
+from training.options import ConfigError
 
 
-def setup_processes(cuda):
+def setup_processes(cfg):
+    """(rank, world, device) of this run: one process, or one of torchrun's."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.fsdp and "RANK" not in os.environ:
+        raise ConfigError("--fsdp shards across torchrun's processes: run it as torchrun "
+                          "--nproc_per_node N distill.py --fsdp ... (N >= 1)")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    return torchrun_process(cuda)
+
+
+def torchrun_process(cuda):
     """(rank, world, device) of a torchrun process: nccl on CUDA, gloo on the CPU."""
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -72,6 +88,19 @@ def wrap_for_processes(student, teacher, fsdp, grad_ckpt, bf16):
                                             reduce_dtype=torch.float32 if bf16 else None), None)
         if teacher is not None:     # frozen, already bf16 on CUDA (distill.load_models): no casts
             shard(teacher, MixedPrecisionPolicy(), True)
+    return student, teacher
+
+
+def wrap_models(student, teacher, cfg, world, bf16):
+    """(student, teacher) as distill's loop calls them: --grad-ckpt and --fsdp, then
+    torch.compile, then DDP when there are several processes without --fsdp."""
+    if cfg.grad_ckpt or cfg.fsdp:
+        student, teacher = wrap_for_processes(student, teacher, cfg.fsdp, cfg.grad_ckpt, bf16)
+    if cfg.compile:
+        student = torch.compile(student)
+        teacher = torch.compile(teacher) if teacher is not None else None
+    if world > 1 and not cfg.fsdp:
+        student = ddp(student)
     return student, teacher
 
 

@@ -9,6 +9,7 @@ import torch
 
 from conftest import assert_exits, ROOT, tiny_config
 import distill
+from training import samples
 from distill import TrainConfig, fit_schedule, hard_ce, lr_at, main, parse_args, soft_kl, train
 from model import Transformer
 from compat.hf import from_pretrained, save_pretrained
@@ -321,13 +322,13 @@ def test_the_mtp_row_is_trained_by_the_shared_optimizer_step(tmp_path):
 
 
 def test_stream_is_a_seeded_permutation_per_epoch_and_resumes_at_pos():
-    s = distill.Stream(7, seed=3)
+    s = samples.Stream(7, seed=3)
     first, second = s.take(7), s.take(7)
     assert sorted(first) == sorted(second) == list(range(7)) and first != second
     assert first == torch.randperm(7, generator=torch.Generator().manual_seed(3)).tolist()
-    again = distill.Stream(7, seed=3)
+    again = samples.Stream(7, seed=3)
     assert again.take(5) + again.take(9) == first + second       # across the epoch boundary
-    assert distill.Stream(7, seed=3, pos=10).take(4) == (first + second)[10:14]
+    assert samples.Stream(7, seed=3, pos=10).take(4) == (first + second)[10:14]
 
 
 def test_ntp_step_is_next_token_cross_entropy_up_to_each_rows_end():
@@ -359,8 +360,8 @@ def test_sorted_stream_draws_each_steps_samples_at_random_then_sorts_them_by_len
     seeded permutation gives it, in order of length, and the stream still resumes at pos."""
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 12, (50,), generator=g).tolist()
-    plain = distill.Stream(50, seed=1)
-    s = distill.Stream(50, seed=1, lengths=lengths, group=8)
+    plain = samples.Stream(50, seed=1)
+    s = samples.Stream(50, seed=1, lengths=lengths, group=8)
     first, second = s.take(50), s.take(50)
     assert sorted(first) == sorted(second) == list(range(50)) and first != second
     for ours, theirs in ((first, plain.take(50)), (second, plain.take(50))):
@@ -368,7 +369,7 @@ def test_sorted_stream_draws_each_steps_samples_at_random_then_sorts_them_by_len
             step = ours[start:start + 8]
             assert sorted(step) == sorted(theirs[start:start + 8])
             assert [lengths[i] for i in step] == sorted(lengths[i] for i in step)
-    again = distill.Stream(50, seed=1, pos=37, lengths=lengths, group=8)
+    again = samples.Stream(50, seed=1, pos=37, lengths=lengths, group=8)
     assert again.take(20) == (first + second)[37:57]
 
 

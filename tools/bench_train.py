@@ -29,12 +29,13 @@ import torch.nn as nn
 from data import DataError
 
 from compat.tokenizers import TokenizerError
-from distill import (TrainConfig, add_config_args, autocast, check_config, hard_ce, load_models,
-                     load_samples, mtp_step, n_regions, ntp_inputs, optimizer_update, sample_stream,
-                     step_batches, supervised_weight, uses_bf16)
+from distill import (TrainConfig, autocast, check_config, hard_ce, load_models, mtp_step,
+                     n_regions, ntp_inputs, optimizer_update, step_batches, supervised_weight,
+                     uses_bf16)
 from fast.flex import FlexMask
+from training.samples import load_samples, sample_stream
 from model import CheckpointError
-from training.options import ConfigError
+from training.options import add_config_args, ConfigError
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity), matched in order on the device name
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     """(TrainConfig, bench args). TrainConfig.micro_batch = --batch and .steps = --steps."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_args(p, only=SHARED)
+    add_config_args(p, TrainConfig, only=SHARED)
     p.add_argument("--batch", type=int, default=64, help="sequences per step (one micro-batch)")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps of each kind")
     p.add_argument("--warmup-steps", type=int, default=-1,

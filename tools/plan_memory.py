@@ -15,9 +15,9 @@ import json
 import os
 import sys
 
-from distill import TrainConfig, add_config_args, check_config, n_regions, parse_with_recipe
+from distill import RECIPES, TrainConfig, check_config, n_regions
 from synthetic.teacher import DEFAULT_TEACHER
-from training.options import ConfigError
+from training.options import ConfigError, add_config_args, parse_with_recipe
 
 # The memory plan: bytes per GPU, from config.json's fields alone (no weights read)
 
@@ -136,10 +136,10 @@ def format_plan(hf, cfg, nproc=1, gpu_mem=80.0):
 def main(argv=None):
     p = argparse.ArgumentParser(description="GPU memory per process for a distill.py run, from "
                                 "config.json alone", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_args(p)
+    add_config_args(p, TrainConfig)
     p.add_argument("--nproc", type=int, default=1, help="the number of processes (GPUs)")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory per process in GiB")
-    a = vars(parse_with_recipe(p, argv))
+    a = vars(parse_with_recipe(p, RECIPES, argv))
     nproc, gpu_mem = a.pop("nproc"), a.pop("gpu_mem")
     a.pop("plan")                       # distill.py's pointer to this tool; here it is the plan
     cfg = TrainConfig(**a)

@@ -2,8 +2,12 @@
 The command line's rules that are not the method's: every number in range, a device and a
 precision that exist, and the run options that exclude each other (--resume, --overwrite,
 --minutes). distill.check_config runs these first, then checks the method's own settings.
+The command line is built from distill.TrainConfig's fields (add_config_args), with a recipe's
+settings as its defaults (parse_with_recipe).
 """
+import argparse
 import math
+from dataclasses import fields
 
 
 class ConfigError(ValueError):
@@ -13,6 +17,27 @@ class ConfigError(ValueError):
 def option(name):
     """A TrainConfig field as its command-line flag: seq_len -> --seq-len."""
     return "--" + name.replace("_", "-")
+
+
+def add_config_args(p, config, only=None):
+    """One command-line option per field of the dataclass `config` (or per field named in
+    `only`), its help from the field's metadata; a bool gives --x and --no-x."""
+    for f in fields(config):
+        if only is not None and f.name not in only:
+            continue
+        if f.type == "bool" or isinstance(f.default, bool):
+            p.add_argument(option(f.name), action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.metadata["help"])
+        else:
+            p.add_argument(option(f.name), type=type(f.default), default=f.default,
+                           help=f.metadata["help"])
+
+
+def parse_with_recipe(p, recipes, argv=None):
+    """p.parse_args(argv), the settings of --recipe (a key of `recipes`) taking the place of the
+    defaults (an unknown recipe is refused later, by the config check)."""
+    p.set_defaults(**recipes.get(p.parse_known_args(argv)[0].recipe, {}))
+    return p.parse_args(argv)
 
 
 def check_options(cfg):
