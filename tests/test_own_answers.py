@@ -58,6 +58,8 @@ def test_a_killed_run_continues_to_the_same_file(ckpt, tmp_path, monkeypatch, sa
     with open(tmp_path / "cut.jsonl", "a") as f:
         f.write('{"question": "half a ro')                  # a row cut short by the kill
     assert write(ckpt, tmp_path / "cut.jsonl", *extra) == whole
+    # question i draws from row_seed(seed, i), so the batches it is decoded in change nothing
+    assert write(ckpt, tmp_path / "batch2.jsonl", *extra, "--batch", "2") == whole
     assert (whole != write(ckpt, tmp_path / "other.jsonl", "--temperature", "0.9", "--seed", "4")) \
         or not sampled
 
