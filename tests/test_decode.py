@@ -472,3 +472,44 @@ def test_cli_checks_paths_devices_and_vocabularies_before_any_work(tmp_path, cap
     synthetic_tokenizer().save(small)
     assert_exits(main, run[:1] + [str(small)] + run[2:4] + ["--static-k", "1"],
                  "its tokenizer has ids up to 511, but the model has 100 token rows", capsys)
+
+
+def test_damaged_checkpoint_files_are_one_line(tmp_path, capsys):
+    """Each file a checkpoint's loaders read, damaged or missing: one line that names it and what
+    to do, exit 2, in decode.py and bench.py (the tools load through the same functions)."""
+    import shutil
+    import bench
+    from conftest import assert_exits, save_tiny_mtp_checkpoint
+    good = tmp_path / "good"
+    save_tiny_mtp_checkpoint(good)
+
+    def config(d, **change):
+        c = json.loads((d / "config.json").read_text())
+        c.update(change)
+        (d / "config.json").write_text(json.dumps({k: v for k, v in c.items() if v is not None}))
+
+    def index(d):
+        (d / "model.safetensors").rename(d / "model-00001.safetensors")
+        (d / "model.safetensors.index.json").write_text('{"weight_map": ')
+
+    def hf_tokenizer(d):
+        (d / "tokenizer_mtp.json").unlink()
+        (d / "tokenizer.json").write_text("{not json")
+
+    damage = [
+        (lambda d: config(d, mtp_token_id=9999), "config.json: mtp_token_id = 9999 is beyond the "
+         "vocabulary (vocab_size 513): correct it to the <MTP> row's id"),
+        (lambda d: config(d, hidden_size=None), "config.json has no 'hidden_size' field"),
+        (lambda d: (d / "config.json").write_text("{not json"), "config.json is not a usable config"),
+        (lambda d: (d / "tokenizer.tiktoken").unlink(), "has tokenizer_mtp.json but no "
+         "tokenizer.tiktoken, the token list it goes with: copy the tokenizer files again"),
+        (hf_tokenizer, "tokenizer.json is not valid JSON"),
+        (index, "model.safetensors.index.json is not a usable shard index"),
+    ]
+    for i, (change, message) in enumerate(damage):
+        d = tmp_path / str(i)
+        shutil.copytree(good, d)
+        change(d)
+        assert_exits(main, ["--ckpt", str(d), "--prompt", "hi", "--no-baseline"], message, capsys)
+        assert_exits(bench.main, ["--ckpt", str(d), "--limit", "1", "--out", str(tmp_path / "b")],
+                     message, capsys)
