@@ -32,7 +32,7 @@ from compat.tokenizers import TokenizerError, check_vocab, load_tokenizer, same_
 from data import DataError, gsm8k, load_dataset, plain_prompt
 from decode import (ENGINES, RULE_FLAGS, ConfAdapt, DecodeError, PassTimer, Rule, Static,
                     add_sampling_args, check_output_path, check_request, label, load_for_decoding,
-                    make_engine, resolve_device, row_seed)
+                    make_engine, resolve_device, row_seed, untrained)
 from display.pareto import pareto_plot
 from display.progress import progress_printer
 from fast.batch import generate_batch
@@ -189,8 +189,7 @@ class Strategy:
     def name(self):
         if self.baseline:
             return "baseline k=1 (step 0)"
-        trained = self.model.cfg.mtp_k_max          # more candidates than it was trained for?
-        beyond = trained and self.rule.reads(trained) > trained
+        beyond = untrained(self.rule, self.model.cfg)    # more candidates than it was trained for?
         return label(self.rule, self.verify) + (" (beyond trained k_max)" if beyond else "")
 
 

@@ -137,6 +137,12 @@ def label(rule, verify):
     return ("verified " if verify else "") + rule.name
 
 
+def untrained(rule, cfg):
+    """How many of the candidates a pass of `rule` reads lie past the checkpoint's trained k_max
+    (0: none, or a checkpoint that does not say): guesses the student never learned to make."""
+    return max(0, rule.reads(cfg.mtp_k_max) - cfg.mtp_k_max) if cfg.mtp_k_max else 0
+
+
 # -----------------------------------------------------------------------------
 # Sampling: the processed distribution, the draw, and the check of a sampled draft
 # (docs/METHOD.md, "Sampling"). Every random number is a uniform from a row's own CPU generator
@@ -570,6 +576,11 @@ def main(argv=None):
             raise DecodeError("this tokenizer has no chat format: use --format qa or raw")
         ids = {"chat": lambda t: tok.prompt(t), "qa": lambda t: tok.encode(plain_prompt(t)),
                "raw": tok.encode}[fmt](a.prompt) if a.prompt else []
+        trained, beyond = model.cfg.mtp_k_max, untrained(a.rule, model.cfg)
+        if beyond:
+            print(f"warning: {a.rule.name} reads {trained + beyond} candidates per pass, {beyond} of "
+                  f"them past the checkpoint's trained mtp_k_max {trained}: those guesses are "
+                  "untrained", file=sys.stderr)
         kw = dict(max_new_tokens=a.max_new, stop_ids=tok.stop_ids, temperature=a.temperature,
                   top_k=a.top_k, top_p=a.top_p, seed=a.seed)
         capacity = min(model.cfg.max_seq_len, len(ids) + a.max_new + 2 * (model.cfg.mtp_k_max or 4))
@@ -588,6 +599,10 @@ def main(argv=None):
           f"ms/pass, {st['tokens_per_s']:.1f} tokens/s on {a.device} ({a.dtype}, {a.engine})")
     if a.verify:
         print(f"verified: {st['confirmed']} provisional tokens confirmed, {st['rejected']} rejected")
+    if st["context_full"]:
+        print(f"warning: the output stops at the end of the model's context ({model.cfg.max_seq_len} "
+              f"tokens: the prompt's {len(ids)} and {st['tokens']} new), short of --max-new "
+              f"{a.max_new}: a shorter prompt leaves more room", file=sys.stderr)
     if not a.no_baseline and not (a.rule == Static(1) and not a.verify):   # k=1 against itself
         ours = median_tokens_per_s(lambda: run(a.rule, a.verify), a.repeats)
         base = median_tokens_per_s(lambda: run(Static(1), False), a.repeats)

@@ -217,3 +217,9 @@ def test_output_path_tokenizers_and_lists_are_checked_before_any_work(tmp_path, 
                      f"{flag} {other} has another tokenizer", capsys)
     assert_exits(main, run[:4] + ["--static-k", "1,a", "--out", str(tmp_path / "res")],
                  "--static-k takes comma-separated int values", capsys)
+
+
+def test_rows_past_the_trained_k_max_say_so(tmp_path):
+    """More candidates than the checkpoint was trained for: the row's name says so."""
+    res = tiny_bench(tmp_path, tmp_path / "res", "--no-verified", "--static-k", "1,4", "--tau", "")
+    assert [r["strategy"] for r in res["results"]][1:] == ["static k=1", "static k=4 (beyond trained k_max)"]

@@ -474,6 +474,36 @@ def test_cli_checks_paths_devices_and_vocabularies_before_any_work(tmp_path, cap
                  "its tokenizer has ids up to 511, but the model has 100 token rows", capsys)
 
 
+def test_cli_warns_of_untrained_guesses_and_of_a_full_context(tmp_path, capsys):
+    """Usable but surprising, one warning line each (exit 0): more candidates per pass than the
+    checkpoint was trained for (their guesses are untrained), and an output that the context,
+    not --max-new or a stop token, ended."""
+    from conftest import save_tiny_mtp_checkpoint
+    from decode import untrained
+    from synthetic.tokenizer import synthetic_tokenizer
+    ckpt = tmp_path / "ckpt"
+    save_tiny_mtp_checkpoint(ckpt)                                # k_max 3, context 256
+    run = ["--ckpt", str(ckpt), "--max-new", "20", "--no-baseline", "--repeats", "1"]
+    for rule, beyond in ((["--static-k", "300"], 297), (["--tau", "0.5", "--k-max", "5"], 2),
+                         (["--static-k", "3"], 0), (["--tau", "0.5"], 0)):
+        main(run + ["--prompt", "Ava has 3 apples."] + rule)
+        err = capsys.readouterr().err
+        warning = f"{beyond} of them past the checkpoint's trained mtp_k_max 3: those guesses are untrained"
+        assert (warning in err and err.count("\n") == 1) if beyond else err == "", err
+    m = mtp_model()                                               # k_max 4
+    assert [untrained(r, m.cfg) for r in (Static(4), Static(6), ConfAdapt(0.9), Lean(Static(5)))] == [0, 2, 0, 1]
+    m.cfg.mtp_k_max = None                                        # a checkpoint that does not say
+    assert untrained(Static(9), m.cfg) == 0
+    tok = synthetic_tokenizer()
+    prompt = tok.decode(tok.encode("1 2 3 " * 200)[:250])         # 6 tokens short of the context
+    main(run + ["--prompt", prompt, "--format", "raw", "--static-k", "1"])
+    out, err = capsys.readouterr()
+    assert "warning: the output stops at the end of the model's context (256 tokens" in err, err
+    assert err.count("\n") == 1 and "short of --max-new 20" in err
+    main(run + ["--prompt", prompt[:100], "--format", "raw", "--static-k", "1"])
+    assert capsys.readouterr().err == ""                          # --max-new ended it
+
+
 def test_damaged_checkpoint_files_are_one_line(tmp_path, capsys):
     """Each file a checkpoint's loaders read, damaged or missing: one line that names it and what
     to do, exit 2, in decode.py and bench.py (the tools load through the same functions)."""
