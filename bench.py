@@ -85,8 +85,10 @@ NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 
 def gold_answer(answer):
-    """The number after '####' in a GSM8K answer."""
-    return answer.split("####")[-1].strip().replace(",", "")
+    """The number after '####' in a GSM8K answer (or an answer that is a number alone); None if
+    there is none, and then no output can be scored right."""
+    gold = answer.split("####")[-1].strip().replace(",", "")
+    return gold if NUMBER.fullmatch(gold) else None
 
 
 def extract_flexible(text):
@@ -103,7 +105,7 @@ def extract_strict(text):
 
 def same_number(a, b):
     try:
-        return a is not None and float(a) == float(b)
+        return a is not None and b is not None and float(a) == float(b)
     except ValueError:
         return False
 
@@ -405,6 +407,11 @@ def size_run(a, model, strategies, problems, prompter):
         check_request(s.model, [0], s.rule, **sampling_of(a))
     longest = max(len(prompter(row["question"])) for row in problems)
     context = min(s.model.cfg.max_seq_len for s in strategies)
+    if longest >= context:
+        shorter = ("a shorter --format (qa or chat instead of the 8-shot fewshot)"
+                   if a.format == "fewshot" else "shorter questions")
+        raise DecodeError(f"the longest prompt ({longest} tokens, --format {a.format}) leaves no room "
+                          f"for an answer in the model's context ({context}): use {shorter}")
     if a.max_new is None:
         a.max_new = max(1, min(256, context - longest))
     if longest + a.max_new > context:
@@ -441,6 +448,11 @@ def load(a):
     if a.limit < 1 or a.batch < 1 or (a.max_new is not None and a.max_new < 1):
         raise DecodeError("--limit, --batch and --max-new must be >= 1")
     problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path, a.limit)
+    unread = sum(gold_answer(row["answer"]) is None for row in problems)
+    if unread:
+        print(f"warning: {unread} of {len(problems)} answers in {a.data} do not end in '#### N': no "
+              "number to score against, so accuracy cannot be read for them (counted wrong)",
+              file=sys.stderr)
     a.format = a.format if a.format != "auto" else ("fewshot" if a.data == "gsm8k" else "qa")
     prompter = make_prompter(a.format, tok)
     teacher = load_for_decoding(a.teacher, a.device) if a.teacher else None   # fp32: the judge

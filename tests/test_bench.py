@@ -219,6 +219,43 @@ def test_output_path_tokenizers_and_lists_are_checked_before_any_work(tmp_path, 
                  "--static-k takes comma-separated int values", capsys)
 
 
+def test_answers_without_a_number_are_counted_in_one_warning(tmp_path, capsys):
+    """The gold number is the one after '####' (or an answer that is a number alone); answers
+    with neither cannot score any output right: one warning line says how many there are."""
+    from bench import gold_answer, same_number
+    assert gold_answer("12 + 5 = 17\n#### 1,017") == "1017" and gold_answer(" 17 ") == "17"
+    assert gold_answer("The answer: 17") is None and gold_answer("#### seventeen") is None
+    assert not same_number("17", None) and same_number("17.0", "17")
+    save_tiny_mtp_checkpoint(tmp_path / "ckpt")
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"question": "Ava has 12 apples and buys 5. How many?",
+                                        "answer": a}) + "\n"
+                            for a in ("12 + 5 = 17\n#### 17", "17", "The answer: 17", "17 apples")))
+    run = ["--ckpt", str(tmp_path / "ckpt"), "--data", str(data), "--static-k", "1", "--tau", "",
+           "--max-new", "4", "--no-verified", "--out", str(tmp_path / "b")]
+    main(run)
+    err = capsys.readouterr().err
+    assert f"warning: 2 of 4 answers in {data} do not end in '#### N'" in err, err
+    main(run[:3] + ["synthetic", "--limit", "2"] + run[4:])      # every answer has its number
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_prompt_longer_than_the_context_names_the_format(tmp_path, capsys, monkeypatch):
+    """The prompt alone fills the context: the fix is a shorter prompt, not a lower --max-new."""
+    import bench
+    from conftest import assert_exits
+    save_tiny_mtp_checkpoint(tmp_path / "ckpt")                     # context 256
+    run = ["--ckpt", str(tmp_path / "ckpt"), "--limit", "1", "--static-k", "1", "--tau", "",
+           "--out", str(tmp_path / "b")]
+    monkeypatch.setattr(bench, "fewshot_prefix", lambda: "Q: 1 + 1?\nA: 2.\n\n" * 40)
+    assert_exits(main, run + ["--format", "fewshot"], "use a shorter --format (qa or chat instead "
+                 "of the 8-shot fewshot)", capsys)
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"question": "1 + " * 200 + "1?", "answer": "#### 201"}) + "\n")
+    assert_exits(main, run + ["--data", str(data)], "leaves no room for an answer in the model's "
+                 "context (256): use shorter questions", capsys)
+
+
 def test_rows_past_the_trained_k_max_say_so(tmp_path):
     """More candidates than the checkpoint was trained for: the row's name says so."""
     res = tiny_bench(tmp_path, tmp_path / "res", "--no-verified", "--static-k", "1,4", "--tau", "")
