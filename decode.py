@@ -494,7 +494,9 @@ def check_output_path(path, flag):
     if not os.path.isdir(folder):
         raise DecodeError(f"{flag} {path}: the folder {folder} does not exist: create it first")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise DecodeError(f"{flag} {path} cannot be written (no permission): pick another path")
+        read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
+        why = "a read-only file system" if read_only else "no permission"
+        raise DecodeError(f"{flag} {path} cannot be written ({why}): pick another path")
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -543,3 +543,20 @@ def test_damaged_checkpoint_files_are_one_line(tmp_path, capsys):
         assert_exits(main, ["--ckpt", str(d), "--prompt", "hi", "--no-baseline"], message, capsys)
         assert_exits(bench.main, ["--ckpt", str(d), "--limit", "1", "--out", str(tmp_path / "b")],
                      message, capsys)
+
+
+def test_a_read_only_file_system_is_named(tmp_path, capsys, read_only_dir):
+    """An output on a read-only mount: said so, before any work (decode.py --viz-html, bench.py
+    --out, tools/bench_decode.py --out all check the path with decode.check_output_path)."""
+    import bench
+    from conftest import assert_exits, save_tiny_mtp_checkpoint
+    from tools import bench_decode
+    ckpt = tmp_path / "ckpt"
+    save_tiny_mtp_checkpoint(ckpt)
+    message = "cannot be written (a read-only file system): pick another path"
+    assert_exits(main, ["--ckpt", str(ckpt), "--prompt", "hi", "--viz-html",
+                        str(read_only_dir / "x.html")], message, capsys)
+    assert_exits(bench.main, ["--ckpt", str(ckpt), "--out", str(read_only_dir / "b")], message, capsys)
+    assert_exits(bench_decode.main, ["--ckpt", str(ckpt), "--no-hf", "--engines", "eager",
+                                     "--max-new", "4", "--repeats", "1", "--out",
+                                     str(read_only_dir / "x.json")], message, capsys)
