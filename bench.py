@@ -31,8 +31,8 @@ import torch
 from compat.tokenizers import TokenizerError, check_vocab, load_tokenizer, same_tokenizer
 from data import DataError, gsm8k, load_dataset, plain_prompt
 from decode import (ENGINES, RULE_FLAGS, ConfAdapt, DecodeError, PassTimer, Rule, Static,
-                    add_sampling_args, check_output_path, check_request, label, load_for_decoding,
-                    make_engine, resolve_device, row_seed, untrained)
+                    add_sampling_args, check_engine, check_output_path, check_request, label,
+                    load_for_decoding, make_engine, resolve_device, row_seed, untrained)
 from display.pareto import pareto_plot
 from display.progress import progress_printer
 from fast.batch import generate_batch
@@ -403,8 +403,9 @@ def size_run(a, model, strategies, problems, prompter):
     if a.samples < 1 or (a.samples > 1 and not a.temperature):
         raise DecodeError("--samples must be >= 1, and above 1 only with --temperature > 0 "
                           "(greedy decoding gives the same output every time)")
-    for s in strategies:
-        check_request(s.model, [0], s.rule, **sampling_of(a))
+    check_engine(a.engine, model.device)
+    for s in strategies:      # the sampling options as given: greedy, a top-k or top-p is an error
+        check_request(s.model, [0], s.rule, a.temperature, a.top_k, a.top_p)
     longest = max(len(prompter(row["question"])) for row in problems)
     context = min(s.model.cfg.max_seq_len for s in strategies)
     if longest >= context:
@@ -429,7 +430,11 @@ def size_run(a, model, strategies, problems, prompter):
 def same_tokens_as(path, flag, tok, a):
     """--teacher and --baseline read and write the token ids of --ckpt's tokenizer: theirs must
     be the same one (another would score, or decode, other text than the ids say)."""
-    if not same_tokenizer(load_tokenizer(path), tok):
+    try:
+        theirs = load_tokenizer(path)
+    except TokenizerError as e:
+        raise DecodeError(f"{flag}: {e}") from None
+    if not same_tokenizer(theirs, tok):
         raise DecodeError(f"{flag} {path} has another tokenizer than --ckpt {a.ckpt}: its numbers "
                           "would be about other text; give a checkpoint of the same tokenizer")
 

@@ -418,15 +418,20 @@ class Eager:
 ENGINES = ("eager", "graphs", "compile", "static")
 
 
+def check_engine(engine, device):
+    """An engine that can run on `device` (DecodeError naming the fix if not)."""
+    if engine not in ENGINES:
+        raise DecodeError(f"unknown engine {engine!r}: {', '.join(ENGINES)}")
+    if engine not in ("eager", "static") and torch.device(device).type != "cuda":
+        raise DecodeError(f"engine {engine!r} needs a CUDA device; use eager (or static) on the CPU")
+
+
 def make_engine(model, batch, engine="eager", capacity=None):
     """engine: eager | graphs (CUDA graphs) | compile (torch.compile + CUDA graphs) | static
     (the graphs' static-cache layout, uncaptured: for checking it on the CPU)."""
-    if engine not in ENGINES:
-        raise DecodeError(f"unknown engine {engine!r}: {', '.join(ENGINES)}")
+    check_engine(engine, model.device)
     if engine == "eager":
         return Eager(model, batch)
-    if engine != "static" and model.device.type != "cuda":
-        raise DecodeError(f"engine {engine!r} needs a CUDA device; use eager (or static) on the CPU")
     return CudaGraphs(model, batch, capacity or model.cfg.max_seq_len,
                       graphs=engine != "static", compile=engine == "compile")
 

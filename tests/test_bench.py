@@ -260,3 +260,25 @@ def test_rows_past_the_trained_k_max_say_so(tmp_path):
     """More candidates than the checkpoint was trained for: the row's name says so."""
     res = tiny_bench(tmp_path, tmp_path / "res", "--no-verified", "--static-k", "1,4", "--tau", "")
     assert [r["strategy"] for r in res["results"]][1:] == ["static k=1", "static k=4 (beyond trained k_max)"]
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--engine", "graphs"], "engine 'graphs' needs a CUDA device"),
+    (["--top-p", "0.5"], "top_k and top_p cut a sampled distribution: set a temperature > 0"),
+    (["--temperature", "0.7", "--top-p", "0"], "top_p in (0, 1]"),
+    (["--tau", "nan"], "tau must be in [0, 1], got nan"),
+    (["--k-max", "0"], "k_max must be >= 1"),
+    (["--limit", "0"], "--limit, --batch and --max-new must be >= 1"),
+    (["--data", "nosuch"], "unknown dataset 'nosuch'"),
+    (["--baseline", "/nonexistent"], "--baseline: tokenizer '/nonexistent': not 'gpt2'"),
+    (["--ckpt", "/nonexistent"], "'/nonexistent' is neither a checkpoint directory nor a hub name"),
+])
+def test_every_bad_option_is_one_line(tmp_path, capsys, option, message):
+    """Each option's bad value: one line and exit 2, before any problem is decoded."""
+    import bench
+    from conftest import assert_exits
+    save_tiny_mtp_checkpoint(tmp_path / "ckpt")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(bench, "generate_batch", lambda *a, **kw: pytest.fail("decoding started"))
+        assert_exits(main, ["--ckpt", str(tmp_path / "ckpt"), "--limit", "2", "--static-k", "1",
+                            "--tau", "0.9", "--out", str(tmp_path / "b"), *option], message, capsys)

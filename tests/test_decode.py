@@ -560,3 +560,28 @@ def test_a_read_only_file_system_is_named(tmp_path, capsys, read_only_dir):
     assert_exits(bench_decode.main, ["--ckpt", str(ckpt), "--no-hf", "--engines", "eager",
                                      "--max-new", "4", "--repeats", "1", "--out",
                                      str(read_only_dir / "x.json")], message, capsys)
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--ckpt", "/nonexistent"], "'/nonexistent' is neither a checkpoint directory nor a hub name"),
+    (["--ckpt", "./runs/none"], "'./runs/none' is neither a checkpoint directory nor a hub name"),
+    (["--engine", "graphs"], "engine 'graphs' needs a CUDA device"),
+    (["--top-k", "5"], "set a temperature > 0"),
+    (["--temperature", "inf"], "temperature must be >= 0"),
+    (["--tau", "nan"], "tau must be in [0, 1], got nan"),
+    (["--k-max", "0"], "k_max must be >= 1"),
+    (["--dtype", "fp16"], "--dtype must be one of fp32, bf16"),
+    (["--format", "chat"], "this tokenizer has no chat format"),
+    (["--prompt", ""], "the prompt is empty"),
+])
+def test_every_bad_option_is_one_line(tmp_path, capsys, option, message):
+    """Each option's bad value: one line and exit 2 (--engine's choices, static among them, are in
+    --help)."""
+    from conftest import assert_exits, save_tiny_mtp_checkpoint
+    from decode import parse_args
+    save_tiny_mtp_checkpoint(tmp_path / "ckpt")
+    assert_exits(main, ["--ckpt", str(tmp_path / "ckpt"), "--prompt", "hi", "--max-new", "4",
+                        "--no-baseline", *option], message, capsys)
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "static (the graphs' cache layout, uncaptured)" in " ".join(capsys.readouterr().out.split())
