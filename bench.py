@@ -31,8 +31,8 @@ import torch
 from compat.tokenizers import TokenizerError, check_vocab, load_tokenizer, same_tokenizer
 from data import DataError, gsm8k, load_dataset, plain_prompt
 from decode import (ENGINES, RULE_FLAGS, ConfAdapt, DecodeError, PassTimer, Rule, Static,
-                    add_sampling_args, check_output_path, check_request, label, load_for_decoding,
-                    make_engine, resolve_device, row_seed)
+                    add_sampling_args, check_engine, check_output_path, check_request, label,
+                    load_for_decoding, make_engine, resolve_device, row_seed, untrained)
 from display.pareto import pareto_plot
 from display.progress import progress_printer
 from fast.batch import generate_batch
@@ -85,8 +85,10 @@ NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 
 def gold_answer(answer):
-    """The number after '####' in a GSM8K answer."""
-    return answer.split("####")[-1].strip().replace(",", "")
+    """The number after '####' in a GSM8K answer (or an answer that is a number alone); None if
+    there is none, and then no output can be scored right."""
+    gold = answer.split("####")[-1].strip().replace(",", "")
+    return gold if NUMBER.fullmatch(gold) else None
 
 
 def extract_flexible(text):
@@ -103,7 +105,7 @@ def extract_strict(text):
 
 def same_number(a, b):
     try:
-        return a is not None and float(a) == float(b)
+        return a is not None and b is not None and float(a) == float(b)
     except ValueError:
         return False
 
@@ -189,8 +191,7 @@ class Strategy:
     def name(self):
         if self.baseline:
             return "baseline k=1 (step 0)"
-        trained = self.model.cfg.mtp_k_max          # more candidates than it was trained for?
-        beyond = trained and self.rule.reads(trained) > trained
+        beyond = untrained(self.rule, self.model.cfg)    # more candidates than it was trained for?
         return label(self.rule, self.verify) + (" (beyond trained k_max)" if beyond else "")
 
 
@@ -402,10 +403,16 @@ def size_run(a, model, strategies, problems, prompter):
     if a.samples < 1 or (a.samples > 1 and not a.temperature):
         raise DecodeError("--samples must be >= 1, and above 1 only with --temperature > 0 "
                           "(greedy decoding gives the same output every time)")
-    for s in strategies:
-        check_request(s.model, [0], s.rule, **sampling_of(a))
+    check_engine(a.engine, model.device)
+    for s in strategies:      # the sampling options as given: greedy, a top-k or top-p is an error
+        check_request(s.model, [0], s.rule, a.temperature, a.top_k, a.top_p)
     longest = max(len(prompter(row["question"])) for row in problems)
     context = min(s.model.cfg.max_seq_len for s in strategies)
+    if longest >= context:
+        shorter = ("a shorter --format (qa or chat instead of the 8-shot fewshot)"
+                   if a.format == "fewshot" else "shorter questions")
+        raise DecodeError(f"the longest prompt ({longest} tokens, --format {a.format}) leaves no room "
+                          f"for an answer in the model's context ({context}): use {shorter}")
     if a.max_new is None:
         a.max_new = max(1, min(256, context - longest))
     if longest + a.max_new > context:
@@ -423,7 +430,11 @@ def size_run(a, model, strategies, problems, prompter):
 def same_tokens_as(path, flag, tok, a):
     """--teacher and --baseline read and write the token ids of --ckpt's tokenizer: theirs must
     be the same one (another would score, or decode, other text than the ids say)."""
-    if not same_tokenizer(load_tokenizer(path), tok):
+    try:
+        theirs = load_tokenizer(path)
+    except TokenizerError as e:
+        raise DecodeError(f"{flag}: {e}") from None
+    if not same_tokenizer(theirs, tok):
         raise DecodeError(f"{flag} {path} has another tokenizer than --ckpt {a.ckpt}: its numbers "
                           "would be about other text; give a checkpoint of the same tokenizer")
 
@@ -442,6 +453,11 @@ def load(a):
     if a.limit < 1 or a.batch < 1 or (a.max_new is not None and a.max_new < 1):
         raise DecodeError("--limit, --batch and --max-new must be >= 1")
     problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path, a.limit)
+    unread = sum(gold_answer(row["answer"]) is None for row in problems)
+    if unread:
+        print(f"warning: {unread} of {len(problems)} answers in {a.data} do not end in '#### N': no "
+              "number to score against, so accuracy cannot be read for them (counted wrong)",
+              file=sys.stderr)
     a.format = a.format if a.format != "auto" else ("fewshot" if a.data == "gsm8k" else "qa")
     prompter = make_prompter(a.format, tok)
     teacher = load_for_decoding(a.teacher, a.device) if a.teacher else None   # fp32: the judge

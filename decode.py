@@ -137,6 +137,12 @@ def label(rule, verify):
     return ("verified " if verify else "") + rule.name
 
 
+def untrained(rule, cfg):
+    """How many of the candidates a pass of `rule` reads lie past the checkpoint's trained k_max
+    (0: none, or a checkpoint that does not say): guesses the student never learned to make."""
+    return max(0, rule.reads(cfg.mtp_k_max) - cfg.mtp_k_max) if cfg.mtp_k_max else 0
+
+
 # -----------------------------------------------------------------------------
 # Sampling: the processed distribution, the draw, and the check of a sampled draft
 # (docs/METHOD.md, "Sampling"). Every random number is a uniform from a row's own CPU generator
@@ -412,15 +418,20 @@ class Eager:
 ENGINES = ("eager", "graphs", "compile", "static")
 
 
+def check_engine(engine, device):
+    """An engine that can run on `device` (DecodeError naming the fix if not)."""
+    if engine not in ENGINES:
+        raise DecodeError(f"unknown engine {engine!r}: {', '.join(ENGINES)}")
+    if engine not in ("eager", "static") and torch.device(device).type != "cuda":
+        raise DecodeError(f"engine {engine!r} needs a CUDA device; use eager (or static) on the CPU")
+
+
 def make_engine(model, batch, engine="eager", capacity=None):
     """engine: eager | graphs (CUDA graphs) | compile (torch.compile + CUDA graphs) | static
     (the graphs' static-cache layout, uncaptured: for checking it on the CPU)."""
-    if engine not in ENGINES:
-        raise DecodeError(f"unknown engine {engine!r}: {', '.join(ENGINES)}")
+    check_engine(engine, model.device)
     if engine == "eager":
         return Eager(model, batch)
-    if engine != "static" and model.device.type != "cuda":
-        raise DecodeError(f"engine {engine!r} needs a CUDA device; use eager (or static) on the CPU")
     return CudaGraphs(model, batch, capacity or model.cfg.max_seq_len,
                       graphs=engine != "static", compile=engine == "compile")
 
@@ -488,7 +499,9 @@ def check_output_path(path, flag):
     if not os.path.isdir(folder):
         raise DecodeError(f"{flag} {path}: the folder {folder} does not exist: create it first")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise DecodeError(f"{flag} {path} cannot be written (no permission): pick another path")
+        read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
+        why = "a read-only file system" if read_only else "no permission"
+        raise DecodeError(f"{flag} {path} cannot be written ({why}): pick another path")
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -570,6 +583,11 @@ def main(argv=None):
             raise DecodeError("this tokenizer has no chat format: use --format qa or raw")
         ids = {"chat": lambda t: tok.prompt(t), "qa": lambda t: tok.encode(plain_prompt(t)),
                "raw": tok.encode}[fmt](a.prompt) if a.prompt else []
+        trained, beyond = model.cfg.mtp_k_max, untrained(a.rule, model.cfg)
+        if beyond:
+            print(f"warning: {a.rule.name} reads {trained + beyond} candidates per pass, {beyond} of "
+                  f"them past the checkpoint's trained mtp_k_max {trained}: those guesses are "
+                  "untrained", file=sys.stderr)
         kw = dict(max_new_tokens=a.max_new, stop_ids=tok.stop_ids, temperature=a.temperature,
                   top_k=a.top_k, top_p=a.top_p, seed=a.seed)
         capacity = min(model.cfg.max_seq_len, len(ids) + a.max_new + 2 * (model.cfg.mtp_k_max or 4))
@@ -588,6 +606,10 @@ def main(argv=None):
           f"ms/pass, {st['tokens_per_s']:.1f} tokens/s on {a.device} ({a.dtype}, {a.engine})")
     if a.verify:
         print(f"verified: {st['confirmed']} provisional tokens confirmed, {st['rejected']} rejected")
+    if st["context_full"]:
+        print(f"warning: the output stops at the end of the model's context ({model.cfg.max_seq_len} "
+              f"tokens: the prompt's {len(ids)} and {st['tokens']} new), short of --max-new "
+              f"{a.max_new}: a shorter prompt leaves more room", file=sys.stderr)
     if not a.no_baseline and not (a.rule == Static(1) and not a.verify):   # k=1 against itself
         ours = median_tokens_per_s(lambda: run(a.rule, a.verify), a.repeats)
         base = median_tokens_per_s(lambda: run(Static(1), False), a.repeats)

@@ -35,6 +35,11 @@ def config_from_hf(d):
         raise CheckpointError(f"unknown model_type {mt!r} in config.json "
                               f"(supported: {', '.join(ARCHS)})")
     check_fields(d, mt)             # every field read, fixed at our value, or harmless
+    mtp, vocab = d.get("mtp_token_id"), d["vocab_size"]
+    if mtp is not None and mtp >= vocab:        # the <MTP> row is a row of the vocabulary
+        raise CheckpointError(f"config.json: mtp_token_id = {mtp} is beyond the vocabulary "
+                              f"(vocab_size {vocab}): correct it to the <MTP> row's id (a checkpoint "
+                              f"distill.py saved has it last, {vocab - 1})")
     ours = dict(model_type=mt, vocab_size=d["vocab_size"], mtp_token_id=d.get("mtp_token_id"),
                 mtp_k_max=d.get("mtp_k_max"), hf=d)
     if mt == "gpt2":
@@ -101,10 +106,14 @@ def read_config(path):
         if not isinstance(d, dict):
             raise CheckpointError(f"{cfg_file} is not a JSON object of config fields")
         return config_from_hf(d)
-    except (ValueError, KeyError) as e:     # ValueError: not JSON, not UTF-8
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{cfg_file} is not a usable config: {e!r}") from None
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"{cfg_file} has no {e.args[0]!r} field: restore the checkpoint's "
+                              "own config.json") from None
+    except ValueError as e:                 # not JSON, not UTF-8
+        raise CheckpointError(f"{cfg_file} is not a usable config ({e}): restore the checkpoint's "
+                              "own config.json") from None
 
 
 # -----------------------------------------------------------------------------
@@ -177,8 +186,13 @@ def read_safetensors(path):
     if os.path.isfile(single):
         files = [single]
     elif os.path.isfile(index):
-        with open(index) as f:
-            files = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            files = [os.path.join(path, s) for s in shards]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a usable shard index ({e!r}): restore the "
+                                  "checkpoint's own") from None
     else:
         raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
     tensors = {}

@@ -6,6 +6,7 @@ name that is not a local directory; data.gsm8k calls download when no local copy
 """
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 
@@ -46,7 +47,7 @@ def resolve_checkpoint(name):
     if os.path.isdir(name):
         return name
     repo = HUB_ALIASES.get(name, name)
-    if os.path.exists(name) or repo.count("/") != 1:
+    if os.path.exists(name) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo):
         raise CheckpointError(f"{name!r} is neither a checkpoint directory nor a hub name "
                               "like 'gpt2' or 'org/model'")
     local = os.path.join(cache_dir(), repo.replace("/", "--"))

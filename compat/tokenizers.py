@@ -83,6 +83,22 @@ class Tokenizer:
             json.dump(meta, f, indent=1)
 
 
+RESTORE = ("copy the tokenizer files again from the checkpoint this one was made from (for a run's "
+           "ckpt: its --init)")
+
+
+def json_file(path):
+    """A JSON object the tokenizer is read from; a damaged file is a TokenizerError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except ValueError as e:                 # not JSON, not UTF-8
+        raise TokenizerError(f"{path} is not valid JSON ({e}): {RESTORE}") from None
+    if not isinstance(d, dict):
+        raise TokenizerError(f"{path} is not a JSON object: {RESTORE}")
+    return d
+
+
 def same_tokenizer(a, b):
     """The same token ids for the same text: ranks, special tokens and split pattern alike."""
     return (a.enc._mergeable_ranks == b.enc._mergeable_ranks and a.enc._pat_str == b.enc._pat_str
@@ -211,22 +227,23 @@ def pre_tokenizer_pattern(pre, path):
 
 def hf_json_tokenizer(path, eos=None):
     """A Hugging Face byte-level BPE tokenizer.json, converted to tiktoken."""
-    with open(path) as f:
-        tj = json.load(f)
+    tj = json_file(path)
     model = tj.get("model", {})
     if model.get("type") != "BPE":
         raise TokenizerError(f"{path}: only byte-level BPE tokenizer.json is supported, "
                              f"got model type {model.get('type')!r}")
-    specials = [t["content"] for t in tj.get("added_tokens", [])]
-    vocab = dict(model["vocab"])
-    for t in tj.get("added_tokens", []):
-        vocab[t["content"]] = t["id"]
+    try:
+        specials = [t["content"] for t in tj.get("added_tokens", [])]
+        vocab = dict(model["vocab"])
+        vocab.update({t["content"]: t["id"] for t in tj.get("added_tokens", [])})
+        merges = model["merges"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise TokenizerError(f"{path} is not a usable tokenizer.json ({e!r}): {RESTORE}") from None
     pattern = pre_tokenizer_pattern(tj.get("pre_tokenizer") or {}, path)
-    enc = bpe_to_tiktoken(vocab, model["merges"], os.path.basename(os.path.dirname(path)), pattern, specials)
+    enc = bpe_to_tiktoken(vocab, merges, os.path.basename(os.path.dirname(path)), pattern, specials)
     cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
     if eos is None and os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            eos = json.load(f).get("eos_token")
+        eos = json_file(cfg_path).get("eos_token")
         eos = eos["content"] if isinstance(eos, dict) else eos
     eos = eos or specials[0]
     chat = "chatml" if "<|im_start|>" in specials else "llama3" if "<|start_header_id|>" in specials else None
@@ -250,6 +267,9 @@ def load_tokenizer(spec):
         raise TokenizerError(f"tokenizer {spec!r}: not 'gpt2', a file, or a checkpoint directory")
     ours = os.path.join(spec, "tokenizer_mtp.json")
     if os.path.isfile(ours):
+        if not os.path.isfile(os.path.join(spec, "tokenizer.tiktoken")):
+            raise TokenizerError(f"{spec} has tokenizer_mtp.json but no tokenizer.tiktoken, the "
+                                 f"token list it goes with: {RESTORE}")
         try:
             with open(ours, encoding="utf-8") as f:
                 meta = json.load(f)
@@ -261,16 +281,14 @@ def load_tokenizer(spec):
         except (ValueError, KeyError, TypeError, OSError) as e:
             if isinstance(e, TokenizerError):
                 raise
-            raise TokenizerError(f"{ours} (with tokenizer.tiktoken) is not a usable tokenizer: "
-                                 f"{e!r}; save it again with Tokenizer.save") from None
+            raise TokenizerError(f"{ours} (with tokenizer.tiktoken) is not a usable tokenizer "
+                                 f"({e!r}): {RESTORE}") from None
     if os.path.isfile(os.path.join(spec, "tokenizer.model")):     # Llama-3's own tiktoken file
         return llama3_tokenizer(os.path.join(spec, "tokenizer.model"))
     if os.path.isfile(os.path.join(spec, "tokenizer.json")):      # a Hugging Face tokenizer
         return hf_json_tokenizer(os.path.join(spec, "tokenizer.json"))
     cfg = os.path.join(spec, "config.json")
-    if os.path.isfile(cfg):
-        with open(cfg) as f:
-            if json.load(f).get("model_type") == "gpt2":
-                return gpt2_tokenizer()
+    if os.path.isfile(cfg) and json_file(cfg).get("model_type") == "gpt2":
+        return gpt2_tokenizer()
     raise TokenizerError(f"no tokenizer in {spec}: expected tokenizer_mtp.json + tokenizer.tiktoken, "
                          "tokenizer.json or tokenizer.model")

@@ -100,3 +100,20 @@ def assert_exits(main, args, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder on a real read-only file system (a 1 MB tmpfs mounted read-only); skipped where
+    mounting is not permitted (not root, or a container without the capability)."""
+    import subprocess
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("mounting a read-only tmpfs is not permitted here")
+    try:
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)

@@ -217,3 +217,68 @@ def test_output_path_tokenizers_and_lists_are_checked_before_any_work(tmp_path, 
                      f"{flag} {other} has another tokenizer", capsys)
     assert_exits(main, run[:4] + ["--static-k", "1,a", "--out", str(tmp_path / "res")],
                  "--static-k takes comma-separated int values", capsys)
+
+
+def test_answers_without_a_number_are_counted_in_one_warning(tmp_path, capsys):
+    """The gold number is the one after '####' (or an answer that is a number alone); answers
+    with neither cannot score any output right: one warning line says how many there are."""
+    from bench import gold_answer, same_number
+    assert gold_answer("12 + 5 = 17\n#### 1,017") == "1017" and gold_answer(" 17 ") == "17"
+    assert gold_answer("The answer: 17") is None and gold_answer("#### seventeen") is None
+    assert not same_number("17", None) and same_number("17.0", "17")
+    save_tiny_mtp_checkpoint(tmp_path / "ckpt")
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"question": "Ava has 12 apples and buys 5. How many?",
+                                        "answer": a}) + "\n"
+                            for a in ("12 + 5 = 17\n#### 17", "17", "The answer: 17", "17 apples")))
+    run = ["--ckpt", str(tmp_path / "ckpt"), "--data", str(data), "--static-k", "1", "--tau", "",
+           "--max-new", "4", "--no-verified", "--out", str(tmp_path / "b")]
+    main(run)
+    err = capsys.readouterr().err
+    assert f"warning: 2 of 4 answers in {data} do not end in '#### N'" in err, err
+    main(run[:3] + ["synthetic", "--limit", "2"] + run[4:])      # every answer has its number
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_prompt_longer_than_the_context_names_the_format(tmp_path, capsys, monkeypatch):
+    """The prompt alone fills the context: the fix is a shorter prompt, not a lower --max-new."""
+    import bench
+    from conftest import assert_exits
+    save_tiny_mtp_checkpoint(tmp_path / "ckpt")                     # context 256
+    run = ["--ckpt", str(tmp_path / "ckpt"), "--limit", "1", "--static-k", "1", "--tau", "",
+           "--out", str(tmp_path / "b")]
+    monkeypatch.setattr(bench, "fewshot_prefix", lambda: "Q: 1 + 1?\nA: 2.\n\n" * 40)
+    assert_exits(main, run + ["--format", "fewshot"], "use a shorter --format (qa or chat instead "
+                 "of the 8-shot fewshot)", capsys)
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"question": "1 + " * 200 + "1?", "answer": "#### 201"}) + "\n")
+    assert_exits(main, run + ["--data", str(data)], "leaves no room for an answer in the model's "
+                 "context (256): use shorter questions", capsys)
+
+
+def test_rows_past_the_trained_k_max_say_so(tmp_path):
+    """More candidates than the checkpoint was trained for: the row's name says so."""
+    res = tiny_bench(tmp_path, tmp_path / "res", "--no-verified", "--static-k", "1,4", "--tau", "")
+    assert [r["strategy"] for r in res["results"]][1:] == ["static k=1", "static k=4 (beyond trained k_max)"]
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--engine", "graphs"], "engine 'graphs' needs a CUDA device"),
+    (["--top-p", "0.5"], "top_k and top_p cut a sampled distribution: set a temperature > 0"),
+    (["--temperature", "0.7", "--top-p", "0"], "top_p in (0, 1]"),
+    (["--tau", "nan"], "tau must be in [0, 1], got nan"),
+    (["--k-max", "0"], "k_max must be >= 1"),
+    (["--limit", "0"], "--limit, --batch and --max-new must be >= 1"),
+    (["--data", "nosuch"], "unknown dataset 'nosuch'"),
+    (["--baseline", "/nonexistent"], "--baseline: tokenizer '/nonexistent': not 'gpt2'"),
+    (["--ckpt", "/nonexistent"], "'/nonexistent' is neither a checkpoint directory nor a hub name"),
+])
+def test_every_bad_option_is_one_line(tmp_path, capsys, option, message):
+    """Each option's bad value: one line and exit 2, before any problem is decoded."""
+    import bench
+    from conftest import assert_exits
+    save_tiny_mtp_checkpoint(tmp_path / "ckpt")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(bench, "generate_batch", lambda *a, **kw: pytest.fail("decoding started"))
+        assert_exits(main, ["--ckpt", str(tmp_path / "ckpt"), "--limit", "2", "--static-k", "1",
+                            "--tau", "0.9", "--out", str(tmp_path / "b"), *option], message, capsys)

@@ -11,12 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 from tools import convert_gguf
-from conftest import GSM8K_TEST, ROOT, SMOLLM2_GGUF
+from conftest import GSM8K_TEST, ROOT, SMOLLM2_GGUF, assert_exits
 from data import read_jsonl
 from compat.tokenizers import load_tokenizer
 from model import KVCache, apply_rope
@@ -77,6 +78,103 @@ def test_missing_gguf_package_exits_2_without_traceback():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert "pip install gguf" in r.stderr and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# The output directory: checked before any work, never a run's, replaced only when asked; and
+# exit 2 on bad input (no GGUF file needed: the conversion itself is replaced where it would run)
+
+def no_work(*a, **kw):
+    raise AssertionError("the conversion started before its output directory was checked")
+
+
+def listing(folder):
+    return sorted((str(p.relative_to(folder)), p.read_bytes() if p.is_file() else None)
+                  for p in folder.rglob("*"))
+
+
+def test_output_is_checked_before_any_work_and_a_run_is_never_replaced(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gguf")
+    monkeypatch.setattr(convert_gguf, "convert_into", no_work)
+    src = tmp_path / "x.gguf"
+    src.write_bytes(b"GGUF")
+    run = tmp_path / "run"                   # a trained run: its student, train_state.pt, its log
+    (run / "ckpt").mkdir(parents=True)
+    (run / "ckpt" / "config.json").write_text("{}")
+    (run / "ckpt" / "train_state.pt").write_bytes(b"state")
+    (run / "log.jsonl").write_text('{"step": 1}\n')
+    before = listing(tmp_path)
+    for out, extra in [(run / "ckpt", []), (run / "ckpt", ["--replace"]), (run, ["--replace"]),
+                       (run / "ckpt.old", [])]:         # a run's empty slot belongs to it too
+        assert_exits(convert_gguf.main, [str(src), str(out), *extra], "belongs to a training run",
+                     capsys)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert_exits(convert_gguf.main, [str(src), str(mine)], "is not empty: give a new directory, "
+                 "or --replace", capsys)
+    assert_exits(convert_gguf.main, [str(src), str(mine / "notes.txt")], "is a file", capsys)
+    assert_exits(convert_gguf.main, [str(tmp_path / "none.gguf"), str(tmp_path / "new")],
+                 "none.gguf is not a file", capsys)
+    assert listing(tmp_path) == sorted(before + [("mine", None), ("mine/notes.txt", b"mine")])
+
+
+def test_a_read_only_place_fails_first(tmp_path, capsys, monkeypatch, read_only_dir):
+    pytest.importorskip("gguf")
+    monkeypatch.setattr(convert_gguf, "convert_into", no_work)
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    assert_exits(convert_gguf.main, [str(tmp_path / "x.gguf"), str(read_only_dir / "out")],
+                 "cannot be written (Read-only file system)", capsys)
+
+
+def test_replace_takes_the_whole_directory_and_a_failure_changes_nothing(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    src, mine = tmp_path / "x.gguf", tmp_path / "mine"
+    src.write_bytes(b"GGUF")
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    before = listing(mine)
+
+    def full_disk(gguf_path, work, dtype):
+        os.makedirs(os.path.join(work, "out"))
+        open(os.path.join(work, "out", "config.json"), "w").write("{}")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(convert_gguf, "convert_into", full_disk)
+    with pytest.raises(convert_gguf.ConversionError, match="No space left on device.*is as it was"):
+        convert_gguf.convert(str(src), str(mine), replace=True)
+    assert listing(mine) == before                                   # no temporary folder either
+
+    def converted(gguf_path, work, dtype):
+        os.makedirs(os.path.join(work, "out"))
+        for name in ("config.json", "model.safetensors"):
+            open(os.path.join(work, "out", name), "w").write(name)
+        return None, None, types.SimpleNamespace(tensors=[]), {}
+    monkeypatch.setattr(convert_gguf, "convert_into", converted)
+    convert_gguf.convert(str(src), str(mine), replace=True)
+    assert listing(mine) == [("config.json", b"config.json"), ("model.safetensors", b"model.safetensors")]
+    assert not list(tmp_path.rglob(".gguf-convert-*"))
+
+
+def test_a_gguf_cut_short_is_named(tmp_path, capsys):
+    """A download cut short fails in gguf's reader with numpy's dtype, reshape or index errors:
+    the message says what the file is, at every cut."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    whole = tmp_path / "small.gguf"
+    w = gguf.GGUFWriter(str(whole), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((64, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data, cut = whole.read_bytes(), tmp_path / "cut.gguf"
+    for n in (40, 100, 300, len(data) - 100):
+        cut.write_bytes(data[:n])
+        assert_exits(convert_gguf.main, [str(cut), str(tmp_path / "out")],
+                     "cut.gguf is cut short or damaged, not a complete GGUF file", capsys)
+    cut.write_bytes(b"PK\x03\x04" + data[4:])
+    assert_exits(convert_gguf.main, [str(cut), str(tmp_path / "out")], "is not a GGUF file", capsys)
+    assert sorted(os.listdir(tmp_path)) == ["cut.gguf", "small.gguf"]      # nothing written
 
 
 # -----------------------------------------------------------------------------

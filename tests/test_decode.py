@@ -472,3 +472,116 @@ def test_cli_checks_paths_devices_and_vocabularies_before_any_work(tmp_path, cap
     synthetic_tokenizer().save(small)
     assert_exits(main, run[:1] + [str(small)] + run[2:4] + ["--static-k", "1"],
                  "its tokenizer has ids up to 511, but the model has 100 token rows", capsys)
+
+
+def test_cli_warns_of_untrained_guesses_and_of_a_full_context(tmp_path, capsys):
+    """Usable but surprising, one warning line each (exit 0): more candidates per pass than the
+    checkpoint was trained for (their guesses are untrained), and an output that the context,
+    not --max-new or a stop token, ended."""
+    from conftest import save_tiny_mtp_checkpoint
+    from decode import untrained
+    from synthetic.tokenizer import synthetic_tokenizer
+    ckpt = tmp_path / "ckpt"
+    save_tiny_mtp_checkpoint(ckpt)                                # k_max 3, context 256
+    run = ["--ckpt", str(ckpt), "--max-new", "20", "--no-baseline", "--repeats", "1"]
+    for rule, beyond in ((["--static-k", "300"], 297), (["--tau", "0.5", "--k-max", "5"], 2),
+                         (["--static-k", "3"], 0), (["--tau", "0.5"], 0)):
+        main(run + ["--prompt", "Ava has 3 apples."] + rule)
+        err = capsys.readouterr().err
+        warning = f"{beyond} of them past the checkpoint's trained mtp_k_max 3: those guesses are untrained"
+        assert (warning in err and err.count("\n") == 1) if beyond else err == "", err
+    m = mtp_model()                                               # k_max 4
+    assert [untrained(r, m.cfg) for r in (Static(4), Static(6), ConfAdapt(0.9), Lean(Static(5)))] == [0, 2, 0, 1]
+    m.cfg.mtp_k_max = None                                        # a checkpoint that does not say
+    assert untrained(Static(9), m.cfg) == 0
+    tok = synthetic_tokenizer()
+    prompt = tok.decode(tok.encode("1 2 3 " * 200)[:250])         # 6 tokens short of the context
+    main(run + ["--prompt", prompt, "--format", "raw", "--static-k", "1"])
+    out, err = capsys.readouterr()
+    assert "warning: the output stops at the end of the model's context (256 tokens" in err, err
+    assert err.count("\n") == 1 and "short of --max-new 20" in err
+    main(run + ["--prompt", prompt[:100], "--format", "raw", "--static-k", "1"])
+    assert capsys.readouterr().err == ""                          # --max-new ended it
+
+
+def test_damaged_checkpoint_files_are_one_line(tmp_path, capsys):
+    """Each file a checkpoint's loaders read, damaged or missing: one line that names it and what
+    to do, exit 2, in decode.py and bench.py (the tools load through the same functions)."""
+    import shutil
+    import bench
+    from conftest import assert_exits, save_tiny_mtp_checkpoint
+    good = tmp_path / "good"
+    save_tiny_mtp_checkpoint(good)
+
+    def config(d, **change):
+        c = json.loads((d / "config.json").read_text())
+        c.update(change)
+        (d / "config.json").write_text(json.dumps({k: v for k, v in c.items() if v is not None}))
+
+    def index(d):
+        (d / "model.safetensors").rename(d / "model-00001.safetensors")
+        (d / "model.safetensors.index.json").write_text('{"weight_map": ')
+
+    def hf_tokenizer(d):
+        (d / "tokenizer_mtp.json").unlink()
+        (d / "tokenizer.json").write_text("{not json")
+
+    damage = [
+        (lambda d: config(d, mtp_token_id=9999), "config.json: mtp_token_id = 9999 is beyond the "
+         "vocabulary (vocab_size 513): correct it to the <MTP> row's id"),
+        (lambda d: config(d, hidden_size=None), "config.json has no 'hidden_size' field"),
+        (lambda d: (d / "config.json").write_text("{not json"), "config.json is not a usable config"),
+        (lambda d: (d / "tokenizer.tiktoken").unlink(), "has tokenizer_mtp.json but no "
+         "tokenizer.tiktoken, the token list it goes with: copy the tokenizer files again"),
+        (hf_tokenizer, "tokenizer.json is not valid JSON"),
+        (index, "model.safetensors.index.json is not a usable shard index"),
+    ]
+    for i, (change, message) in enumerate(damage):
+        d = tmp_path / str(i)
+        shutil.copytree(good, d)
+        change(d)
+        assert_exits(main, ["--ckpt", str(d), "--prompt", "hi", "--no-baseline"], message, capsys)
+        assert_exits(bench.main, ["--ckpt", str(d), "--limit", "1", "--out", str(tmp_path / "b")],
+                     message, capsys)
+
+
+def test_a_read_only_file_system_is_named(tmp_path, capsys, read_only_dir):
+    """An output on a read-only mount: said so, before any work (decode.py --viz-html, bench.py
+    --out, tools/bench_decode.py --out all check the path with decode.check_output_path)."""
+    import bench
+    from conftest import assert_exits, save_tiny_mtp_checkpoint
+    from tools import bench_decode
+    ckpt = tmp_path / "ckpt"
+    save_tiny_mtp_checkpoint(ckpt)
+    message = "cannot be written (a read-only file system): pick another path"
+    assert_exits(main, ["--ckpt", str(ckpt), "--prompt", "hi", "--viz-html",
+                        str(read_only_dir / "x.html")], message, capsys)
+    assert_exits(bench.main, ["--ckpt", str(ckpt), "--out", str(read_only_dir / "b")], message, capsys)
+    assert_exits(bench_decode.main, ["--ckpt", str(ckpt), "--no-hf", "--engines", "eager",
+                                     "--max-new", "4", "--repeats", "1", "--out",
+                                     str(read_only_dir / "x.json")], message, capsys)
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--ckpt", "/nonexistent"], "'/nonexistent' is neither a checkpoint directory nor a hub name"),
+    (["--ckpt", "./runs/none"], "'./runs/none' is neither a checkpoint directory nor a hub name"),
+    (["--engine", "graphs"], "engine 'graphs' needs a CUDA device"),
+    (["--top-k", "5"], "set a temperature > 0"),
+    (["--temperature", "inf"], "temperature must be >= 0"),
+    (["--tau", "nan"], "tau must be in [0, 1], got nan"),
+    (["--k-max", "0"], "k_max must be >= 1"),
+    (["--dtype", "fp16"], "--dtype must be one of fp32, bf16"),
+    (["--format", "chat"], "this tokenizer has no chat format"),
+    (["--prompt", ""], "the prompt is empty"),
+])
+def test_every_bad_option_is_one_line(tmp_path, capsys, option, message):
+    """Each option's bad value: one line and exit 2 (--engine's choices, static among them, are in
+    --help)."""
+    from conftest import assert_exits, save_tiny_mtp_checkpoint
+    from decode import parse_args
+    save_tiny_mtp_checkpoint(tmp_path / "ckpt")
+    assert_exits(main, ["--ckpt", str(tmp_path / "ckpt"), "--prompt", "hi", "--max-new", "4",
+                        "--no-baseline", *option], message, capsys)
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "static (the graphs' cache layout, uncaptured)" in " ".join(capsys.readouterr().out.split())

@@ -189,13 +189,27 @@ def test_plan_of_the_papers_checkpoints_from_their_config_alone(capsys):
 
 
 def test_plan_errors(tmp_path, capsys):
+    """The plan reads config.json as the model loader does (compat.hf.read_config): what distill.py
+    refuses, the plan refuses with the same line; and --gpu-mem is a GPU's memory."""
     assert_exits(plan_main, ["--init", str(tmp_path)], "config.json", capsys)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
-    assert_exits(plan_main, ["--init", str(tmp_path)], "not 'mamba'", capsys)
+    assert_exits(plan_main, ["--init", str(tmp_path)], "unknown model_type 'mamba'", capsys)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    assert_exits(plan_main, ["--init", str(tmp_path)], "no 'num_attention_heads'", capsys)
+    assert_exits(plan_main, ["--init", str(tmp_path)], "has no 'vocab_size' field", capsys)
     assert_exits(plan_main, ["--init", str(tmp_path), "--nproc", "0"], "--nproc must be >= 1", capsys)
     assert_exits(plan_main, ["--init", str(tmp_path), "--pretrain"], "not --pretrain", capsys)
+    with open(os.path.join(FIXTURES, "llama-3.1-8b", "config.json")) as f:
+        llama = json.load(f)
+    for change, message in [({"vocab_size": "128256"}, "vocab_size = '128256' is not a whole number"),
+                            ({"num_attention_heads": 0}, "num_attention_heads = 0 is not a whole number"),
+                            ({"rope_scaling": {"rope_type": "yarn"}}, "rope type 'yarn' is not supported")]:
+        (tmp_path / "config.json").write_text(json.dumps({**llama, **change}))
+        assert_exits(plan_main, ["--init", str(tmp_path)], message, capsys)
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    assert_exits(plan_main, ["--init", str(tmp_path)], "config.json is not a usable config", capsys)
+    for gib in ("0", "nan", "inf", "1e300"):
+        assert_exits(plan_main, ["--init", os.path.join(FIXTURES, "llama-3.1-8b"), "--gpu-mem", gib],
+                     "--gpu-mem a GPU's memory in GiB, above 0 and at most 1,000,000", capsys)
 
 
 @pytest.mark.parametrize("kw", [{}, {"model_type": "gpt2"}, {"model_type": "qwen2"}, {"model_type": "qwen3"},

@@ -99,16 +99,22 @@ def test_rollout_of_a_student_fills_the_teacher_input(tiny_init, capsys):
     assert len(guesses) == 2 * 4 and "placeholders" not in text
 
 
-def test_bad_options_are_messages(tmp_path, capsys):
+def test_bad_options_are_messages(tmp_path, capsys, monkeypatch):
     def fails(args, message):
         assert_exits(main, args, message, capsys)
+
+    def no_building(n, seed=0):           # --problem 99999999 would build 10^8 problems first
+        raise AssertionError(f"{n} problems built before --problem was checked")
+    with monkeypatch.context() as m:
+        m.setattr("tools.show_layout.synthetic_problems", no_building)
+        fails(["--problem", "99999999"], "--problem must be a synthetic training problem, 0 to 49999")
 
     fails(["--offset", "8"], "offset must be in [0, 8)")
     fails(["--k", "9"], "too short")
     fails(["--k", "0"], "must be >= 1")
     fails(["--seq-len", "200"], "<= 100")
     fails(["--text", ""], "--text is empty")
-    fails(["--problem", "-1"], "--problem must be >= 0")
+    fails(["--problem", "-1"], "0 to 49999 (got -1)")
     fails(["--tokenizer", str(tmp_path / "none")], "not 'gpt2', a file")
     fails(["--student", str(tmp_path)], "--student:")
     fails(["--text", "x", "--problem", "2"], "not allowed with")

@@ -23,7 +23,8 @@ import torch
 
 from compat.tokenizers import TokenizerError, load_tokenizer
 from data import plain_prompt
-from decode import DecodeError, Static, generate, load_for_decoding, make_engine, resolve_device
+from decode import (DecodeError, Static, check_output_path, generate, load_for_decoding,
+                    make_engine, resolve_device)
 from model import CheckpointError
 
 DEFAULT_PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
@@ -93,6 +94,8 @@ def main(argv=None):
     try:
         if a.max_new < 1 or a.repeats < 1:
             raise DecodeError("--max-new and --repeats must be >= 1")
+        if a.out:
+            check_output_path(a.out, "--out")
         a.device = resolve_device(a.device)
         model = load_for_decoding(a.ckpt, a.device, a.dtype)
         tok = load_tokenizer(a.ckpt)
@@ -100,7 +103,8 @@ def main(argv=None):
         capacity = len(ids) + a.max_new + 1
         if capacity > model.cfg.max_seq_len:
             raise DecodeError(f"prompt ({len(ids)} tokens) + --max-new {a.max_new} exceeds the "
-                              f"context ({model.cfg.max_seq_len})")
+                              f"context ({model.cfg.max_seq_len}): lower --max-new or give a "
+                              "shorter --prompt")
         runs = {f"ours, {e}": ours(model, ids, a.max_new, e, capacity)
                 for e in a.engines.split(",") if e}
         for name in runs:                        # bad engine names fail before any timing
@@ -137,8 +141,12 @@ def main(argv=None):
                        "max_new": a.max_new, "rows": rows})
     print(line)
     if a.out:
-        with open(a.out, "w") as f:
-            f.write(line + "\n")
+        try:
+            with open(a.out, "w") as f:
+                f.write(line + "\n")
+        except OSError as e:             # checked before the work, so: a full disk, a folder gone
+            print(f"error: could not write {a.out}: {e.strerror}", file=sys.stderr)
+            sys.exit(2)
     return rows
 
 

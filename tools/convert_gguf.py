@@ -11,7 +11,9 @@ Convert a llama-architecture GGUF file (llama.cpp's format) into our Hugging Fac
 The output directory holds config.json + model.safetensors (HF names, loads with
 `compat.hf.from_pretrained` and with transformers' LlamaForCausalLM), our tokenizer
 (tokenizer.tiktoken + tokenizer_mtp.json, loads with `compat.tokenizers.load_tokenizer`) and a
-tokenizer_config.json carrying the chat template for HF tools.
+tokenizer_config.json carrying the chat template for HF tools. It must be new or empty
+(--replace: everything in it is replaced), and never holds a training run; it is written only
+once the conversion is done, so a failed conversion leaves it as it was.
 
 Three things the GGUF stores differently from a Hugging Face checkpoint, each undone here:
 1. weights are quantized (Q4_1, Q8_0, ...): gguf's own `gguf.quants.dequantize` turns them
@@ -27,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,13 +37,15 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from compat.hf import config_from_hf, from_pretrained, save_pretrained
 from compat.tokenizers import (DIGITS_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, Tokenizer,
                                TokenizerError, bpe_to_tiktoken)
-from data import gsm8k, sample_ids
+from data import DataError, gsm8k, sample_ids
 from model import CheckpointError
+from training.run_dir import RUN_FILES
 
 try:
     import gguf  # optional: pip install gguf (tested with 0.19)
@@ -244,17 +249,101 @@ def gguf_tokenizer(meta, name):
 
 
 # -----------------------------------------------------------------------------
+# The output directory, claimed before the conversion's work and filled only once it is done
+
+RUN_MARKS = RUN_FILES + ("lock", "train_state.pt")     # what a distill.py run or its ckpt holds
+
+
+def claim_out_dir(out_dir, replace=False):
+    """Before any work: out_dir is new, empty, or (replace) a directory without a training run in
+    it; returns a work folder on its file system (making it shows the place can be written)."""
+    out = os.path.abspath(out_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConversionError(f"{out_dir} is a file: give a directory to write the checkpoint in")
+    parent = os.path.dirname(out)
+    held = [n for n in RUN_MARKS if os.path.exists(os.path.join(out, n))]
+    if os.path.basename(out) in RUN_FILES:          # a run's ckpt/ slot: the run owns it
+        held += [n for n in RUN_MARKS if os.path.exists(os.path.join(parent, n))]
+    if held:
+        raise ConversionError(f"{out_dir} belongs to a training run ({', '.join(held)}): the "
+                              "converted weights would replace its student and break --resume; "
+                              "give a new directory (--replace never replaces a run)")
+    if os.path.isdir(out) and os.listdir(out) and not replace:
+        raise ConversionError(f"{out_dir} is not empty: give a new directory, or --replace to "
+                              "replace everything in it with the converted checkpoint")
+    home = out if os.path.isdir(out) else parent
+    try:
+        os.makedirs(home, exist_ok=True)
+        return tempfile.mkdtemp(dir=home, prefix=".gguf-convert-")
+    except OSError as e:
+        raise ConversionError(f"{out_dir} cannot be written ({e.strerror}): give another "
+                              "directory") from None
+
+
+def move_in(new, out_dir):
+    """The finished checkpoint's files (folder `new`) into out_dir, in place of what it held."""
+    out, work = os.path.abspath(out_dir), os.path.dirname(os.path.abspath(new))
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if path == work:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    for name in os.listdir(new):
+        os.replace(os.path.join(new, name), os.path.join(out, name))
+
+
+# -----------------------------------------------------------------------------
 # The conversion
 
-def convert(gguf_path, out_dir, dtype=torch.float32):
-    """GGUF file -> HF-layout directory. Returns (model, tokenizer, info dict for the summary)."""
+def read_gguf(gguf_path):
+    """gguf's reader of the file, every tensor's bytes present (a copy cut short is named)."""
+    with open(gguf_path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ConversionError(f"{gguf_path} is not a GGUF file (it does not start with 'GGUF')")
+    damaged = f"{gguf_path} is cut short or damaged, not a complete GGUF file"
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except (ValueError, IndexError, OSError) as e:  # numpy's dtype or reshape error, mostly
+        raise ConversionError(f"{damaged} ({e}): download it again") from None
+    size = os.path.getsize(gguf_path)
+    if any(t.data_offset + t.n_bytes > size for t in reader.tensors):
+        raise ConversionError(f"{damaged} ({size} bytes; its tensors need more): download it again")
+    return reader
+
+
+def convert(gguf_path, out_dir, dtype=torch.float32, replace=False):
+    """GGUF file -> HF-layout directory (claim_out_dir: new, empty, or replace). Returns (model,
+    tokenizer, info dict for the summary)."""
     if gguf is None:
         raise ImportError(GGUF_MISSING)
     t0 = time.perf_counter()
+    work = claim_out_dir(out_dir, replace)
     try:
-        reader = gguf.GGUFReader(gguf_path)
-    except (ValueError, OSError) as e:                      # bad magic, truncated file, ...
-        raise ConversionError(f"{gguf_path} is not a readable GGUF file: {e}") from None
+        try:
+            model, tok, reader, meta = convert_into(gguf_path, work, dtype)
+        except (OSError, SafetensorError) as e:             # a full disk, most likely
+            raise ConversionError(f"could not write the converted checkpoint ({e}): {out_dir} "
+                                  "is as it was") from None
+        move_in(os.path.join(work, "out"), out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    types = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    info = {"name": meta.get("general.name"), "seconds": time.perf_counter() - t0,
+            "tensor_types": types, "bytes": os.path.getsize(os.path.join(out_dir, "model.safetensors"))}
+    return model, tok, info
+
+
+def convert_into(gguf_path, work, dtype):
+    """The conversion, into work/out: the HF files written to work/hf are loaded back through the
+    strict loader (every tensor present, every shape checked against the config), then saved our
+    way. Returns (model, tokenizer, reader, metadata)."""
+    reader = read_gguf(gguf_path)
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
     tied = "output.weight" not in names                     # no output matrix: lm_head = embedding
@@ -266,25 +355,16 @@ def convert(gguf_path, out_dir, dtype=torch.float32):
         raise ConversionError(f"token_embd has {state['model.embed_tokens.weight'].shape[0]} rows "
                               f"but the tokenizer lists {vocab_size} tokens")
     tok, hf_tok = gguf_tokenizer(meta, os.path.splitext(os.path.basename(gguf_path))[0])
-
-    # HF files into a temporary directory beside out_dir, loaded back through the strict loader
-    # (every tensor present, every shape checked against the config), then saved our way
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".gguf-convert-") as tmp:
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        del state
-        model = from_pretrained(tmp, dtype=dtype)
-    save_pretrained(model, out_dir, extra_files={"tokenizer_config.json": json.dumps(hf_tok, indent=2) + "\n"})
-    tok.save(out_dir)
-    types = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    info = {"name": meta.get("general.name"), "seconds": time.perf_counter() - t0,
-            "tensor_types": types, "bytes": os.path.getsize(os.path.join(out_dir, "model.safetensors"))}
-    return model, tok, info
+    hf, out = os.path.join(work, "hf"), os.path.join(work, "out")
+    os.makedirs(hf)
+    save_file(state, os.path.join(hf, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(hf, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    del state
+    model = from_pretrained(hf, dtype=dtype)
+    save_pretrained(model, out, extra_files={"tokenizer_config.json": json.dumps(hf_tok, indent=2) + "\n"})
+    tok.save(out)
+    return model, tok, reader, meta
 
 
 # -----------------------------------------------------------------------------
@@ -320,18 +400,21 @@ def main(argv=None):
                    help="dtype of the saved weights (dequantized values are float32)")
     p.add_argument("--ppl", type=int, default=0, metavar="N",
                    help="after converting, print the perplexity of the first N GSM8K test answers")
+    p.add_argument("--replace", action="store_true",
+                   help="replace everything in a non-empty out_dir (never a training run's)")
     args = p.parse_args(argv)
-    if gguf is None:
-        print(f"error: {GGUF_MISSING}", file=sys.stderr)
-        sys.exit(2)
-    if not os.path.isfile(args.gguf_file):
-        print(f"error: {args.gguf_file} does not exist", file=sys.stderr)
-        sys.exit(1)
     try:
-        model, tok, info = convert(args.gguf_file, args.out_dir, getattr(torch, args.dtype))
+        if gguf is None:
+            raise ConversionError(GGUF_MISSING)
+        if not os.path.isfile(args.gguf_file):
+            raise ConversionError(f"{args.gguf_file} is not a file: give the path of a .gguf file")
+        if args.ppl < 0:
+            raise ConversionError(f"--ppl must be >= 0 (0: no perplexity), got {args.ppl}")
+        model, tok, info = convert(args.gguf_file, args.out_dir, getattr(torch, args.dtype),
+                                   args.replace)
     except (ConversionError, CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     c = model.cfg
     print(f"converted {args.gguf_file} ({info['name']}; tensors {info['tensor_types']})")
     print(f"  -> {args.out_dir}: {c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads / "
@@ -342,7 +425,12 @@ def main(argv=None):
     print(f"  conversion took {info['seconds']:.1f} s")
     if args.ppl:
         t0 = time.perf_counter()
-        r = answer_perplexity(model, tok, gsm8k("test")[:args.ppl])
+        try:
+            rows = gsm8k("test")[:args.ppl]
+        except (DataError, FileNotFoundError) as e:
+            print(f"error: no perplexity (the conversion is done): {e}", file=sys.stderr)
+            sys.exit(2)
+        r = answer_perplexity(model, tok, rows)
         print(f"GSM8K test answers, first {r['rows']}: perplexity {r['ppl']:.3f} "
               f"(mean NLL {r['nll']:.4f} over {r['tokens']} answer tokens, "
               f"{time.perf_counter() - t0:.0f} s)")

@@ -11,11 +11,12 @@ Every distill.py option is accepted (the plan reads --k, --seq-len, --regions, -
 --precision, --fsdp, --grad-ckpt, --prefix-loss); --nproc and --gpu-mem describe the machine.
 """
 import argparse
-import json
 import os
 import sys
 
+from compat.hf import config_from_hf, read_config
 from distill import RECIPES, TrainConfig, check_config, n_regions
+from model import CheckpointError
 from synthetic.teacher import DEFAULT_TEACHER
 from training.options import ConfigError, add_config_args, parse_with_recipe
 
@@ -23,28 +24,14 @@ from training.options import ConfigError, add_config_args, parse_with_recipe
 
 
 def plan_shapes(hf):
-    """The sizes the plan needs, read from a config.json dict (GPT-2 or the Llama family)."""
-    mt = hf.get("model_type")
-    try:
-        if mt == "gpt2":
-            D, nh = hf["n_embd"], hf["n_head"]
-            return dict(D=D, layers=hf["n_layer"], nh=nh, nkv=nh, hs=D // nh, d_ff=hf.get("n_inner") or 4 * D,
-                        V=hf["vocab_size"], tied=hf.get("tie_word_embeddings", True), gated=False,
-                        positions=hf["n_positions"], qkv_bias=True, o_bias=True, mlp_bias=True,
-                        norm_bias=True, qk_norm=False)
-        if mt in ("llama", "qwen2", "qwen3"):
-            D, nh = hf["hidden_size"], hf["num_attention_heads"]
-            bias = hf.get("attention_bias", False)     # as compat.hf.config_from_hf reads the biases
-            return dict(D=D, layers=hf["num_hidden_layers"], nh=nh,
-                        nkv=hf.get("num_key_value_heads") or nh, hs=hf.get("head_dim") or D // nh,
-                        d_ff=hf["intermediate_size"], V=hf["vocab_size"],
-                        tied=hf.get("tie_word_embeddings", False), gated=True, positions=0,
-                        qkv_bias=mt == "qwen2" or bias, o_bias=mt != "qwen2" and bias,
-                        mlp_bias=mt == "llama" and hf.get("mlp_bias", False),
-                        norm_bias=False, qk_norm=mt == "qwen3")     # qwen3: RMSNorm on q and k per head
-    except KeyError as e:
-        raise ConfigError(f"config.json has no {e.args[0]!r} field") from None
-    raise ConfigError(f"the plan reads gpt2 and Llama-family configs (llama, qwen2, qwen3), not {mt!r}")
+    """The sizes the plan needs, from a config.json dict read the way the model loader reads it
+    (compat.hf.config_from_hf: every field checked, the same errors as distill.py's)."""
+    c = config_from_hf(hf)
+    gpt2 = c.model_type == "gpt2"
+    return dict(D=c.d_model, layers=c.n_layer, nh=c.n_head, nkv=c.n_kv_head, hs=c.head_dim,
+                d_ff=c.d_ff, V=c.vocab_size, tied=c.tie_embeddings, gated=not gpt2,
+                positions=c.max_seq_len if gpt2 else 0, qkv_bias=c.qkv_bias, o_bias=c.o_bias,
+                mlp_bias=c.mlp_bias, norm_bias=gpt2, qk_norm=c.qk_norm)
 
 
 def param_counts(s, V):
@@ -109,6 +96,9 @@ def memory_plan(hf, cfg, nproc=1, micro_batch=None):
     return rows, {"params": P_s, "teacher_params": P_t, "packed_len": L, "micro_batch": mb}
 
 
+MOST_GIB = 1_000_000     # --gpu-mem at most: no GPU comes near it; inf or 1e300 overflow the sums
+
+
 def format_plan(hf, cfg, nproc=1, gpu_mem=80.0):
     """The report: one line per item, the total, and whether it fits in gpu_mem GiB."""
     rows, info = memory_plan(hf, cfg, nproc)
@@ -144,8 +134,9 @@ def main(argv=None):
     a.pop("plan")                       # distill.py's pointer to this tool; here it is the plan
     cfg = TrainConfig(**a)
     try:
-        if nproc < 1 or not gpu_mem > 0:
-            raise ConfigError(f"--nproc must be >= 1 and --gpu-mem > 0 (got {nproc}, {gpu_mem})")
+        if nproc < 1 or not 0 < gpu_mem <= MOST_GIB:
+            raise ConfigError(f"--nproc must be >= 1 and --gpu-mem a GPU's memory in GiB, above 0 "
+                              f"and at most {MOST_GIB:,} (got {nproc}, {gpu_mem})")
         if cfg.pretrain:
             raise ConfigError("the plan estimates a distillation run (student + teacher), not --pretrain")
         check_config(cfg)
@@ -153,10 +144,8 @@ def main(argv=None):
         if not os.path.isfile(path):
             raise ConfigError(f"the plan reads {path}, which does not exist: pass --init DIR, a "
                               "local directory with the checkpoint's config.json (no weights needed)")
-        with open(path) as f:
-            hf = json.load(f)
-        print(format_plan(hf, cfg, nproc, gpu_mem))
-    except ConfigError as e:
+        print(format_plan(read_config(os.path.dirname(path)).hf, cfg, nproc, gpu_mem))
+    except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

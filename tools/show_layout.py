@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 SHOW_DEFAULT_TOKENIZER = os.path.join(ROOT, "checkpoints", "synth-teacher")
+TRAIN_PROBLEMS = 50_000         # the synthetic training set (data.load_dataset("synthetic", "train"))
 
 
 def token_label(tok, i, mtp_id):
@@ -141,8 +142,9 @@ def main(argv=None):
         if a.seq_len + a.regions * (a.k - 1) > 100:
             raise DataError("the grid prints one character per packed slot: keep --seq-len + "
                             "--regions * (k - 1) <= 100")
-        if a.problem < 0:
-            raise DataError(f"--problem must be >= 0 (got {a.problem})")
+        if not 0 <= a.problem < TRAIN_PROBLEMS:
+            raise DataError(f"--problem must be a synthetic training problem, 0 to "
+                            f"{TRAIN_PROBLEMS - 1} (got {a.problem})")
         if a.text is not None and not a.text:
             raise DataError("--text is empty: give some text")
         student = None
