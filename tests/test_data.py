@@ -177,6 +177,28 @@ def test_jsonl_rows_are_objects_of_strings_in_utf8(tmp_path, content, message):
         read_jsonl(str(tmp_path / "missing.jsonl"))
 
 
+def test_jsonl_with_a_utf8_bom_reads_and_other_encodings_and_shapes_are_named(tmp_path):
+    row = {"question": "q", "answer": "#### 1"}
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(row) + "\n").encode() * 2)
+    assert read_jsonl(str(path)) == [row, row]
+    for content, message in [
+            ((json.dumps(row) + "\n").encode("utf-16"), "rows.jsonl:1 is not UTF-8 text (it starts "
+                                                        "with a UTF-16 byte-order mark)"),
+            (json.dumps([row], indent=1).encode(), "rows.jsonl:1 is not valid JSON (Expecting "
+                                                   "value at column 2); a .jsonl holds one JSON "
+                                                   "object per line"),
+            (b'{"question": "q" "answer": "a"}\n', "not valid JSON (Expecting ',' delimiter at "
+                                                   "column 18)"),
+            (b'{"prompt": "q", "completion": "a"}\n', "needs the fields 'question' and 'answer' "
+                                                      "(it has 'prompt', 'completion')"),
+            (b'["q", "a"]\n', "(it is an array, not an object)")]:
+        path.write_bytes(content)
+        with pytest.raises(DataError) as e:
+            read_jsonl(str(path))
+        assert message in str(e.value), str(e.value)
+
+
 def test_answers_signed_and_comma_grouped():
     """What the bench reads: a sign, thousands commas and a dollar sign, in every reader."""
     for written, number in (("-5", "-5"), ("1,234", "1234"), ("$1,234.50", "1234.50"),
