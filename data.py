@@ -181,6 +181,15 @@ def answer_start(tok, row, ids):
     return n
 
 
+def answer_in_window(tok, row, ids, n):
+    """Whether the first n of sample_ids' `ids` hold any of the answer, by their length in bytes
+    against the prompt's (the answer's bytes end the sample, before its EOS): decoding, not the
+    second encoding answer_start makes."""
+    answer = (" " if tok.chat is None else "") + row["answer"]
+    prompt = len(tok.enc.decode_bytes(ids[:-1])) - len(answer.encode())
+    return len(tok.enc.decode_bytes(ids[:n])) > prompt
+
+
 # -----------------------------------------------------------------------------
 # Datasets: rows of {"question", "answer"}, the answer ending in "#### <number>" (GSM8K's format)
 

@@ -41,12 +41,12 @@ from model import CheckpointError, Config, Transformer
 from parallel.distributed import setup_processes, wrap_models
 from synthetic.teacher import SYNTH_TEACHER, build_default_teacher
 from synthetic.tokenizer import synthetic_tokenizer
-from training.log import fresh_stats, interval_record, write_log
+from training.log import fresh_stats, interval_record, warn, write_log
 from training.options import ConfigError, add_config_args, check_options, parse_with_recipe
 from training.run_dir import (Diverged, TrainingError, claimed_out_dir, clear_out_dir, diverged,
                               latest_checkpoint, load_optimizer_state, os_problem, plan_length,
                               resume, save_run, write_args)
-from training.samples import accum_steps, load_samples, sample_stream
+from training.samples import accum_steps, load_samples, sample_stream, step_size_note
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TEACHER = os.path.join(HERE, "checkpoints", "synth-teacher")   # synthetic/teacher.py
@@ -431,7 +431,7 @@ def load_run(cfg, world, device, master):
         raise ConfigError("--attention flex needs CUDA (FlexAttention has no backward on the CPU); "
                           "use --attention sdpa")
     student, teacher, tok = load_models(cfg, device)
-    seqs, starts = load_samples(cfg, tok)
+    seqs, starts = load_samples(cfg, tok, warn if master else lambda line: None)
     if not cfg.pretrain and cfg.seq_len + cfg.k - 1 > student.cfg.max_seq_len:
         raise ConfigError(f"--seq-len {cfg.seq_len} + k {cfg.k} exceeds the model's context "
                           f"({student.cfg.max_seq_len})")
@@ -493,7 +493,8 @@ def check_config(cfg):
 
 
 def print_start(cfg, raw, device, world, n_samples, accum, warmup, cooldown):
-    """The run's first lines on stdout: what trains where, and a schedule fitted to a short run."""
+    """The run's first lines on stdout: what trains where, and a schedule fitted to a short run;
+    a warning where a step does not train what --step-tokens says."""
     n_params = sum(p.numel() for p in raw.parameters())
     print(f"{'pretrain' if cfg.pretrain else 'distill'}: {n_params / 1e6:.2f}M params on {device}"
           f" x{world}{' (FSDP)' if cfg.fsdp else ''}, {n_samples} samples, {accum} x "
@@ -501,6 +502,9 @@ def print_start(cfg, raw, device, world, n_samples, accum, warmup, cooldown):
     if (warmup, cooldown) != (cfg.warmup, cfg.cooldown):
         print(f"--steps {cfg.steps} is shorter than --warmup {cfg.warmup} + --cooldown "
               f"{cfg.cooldown}: warm-up {warmup} and cool-down {cooldown} steps instead", flush=True)
+    note = step_size_note(cfg, world)
+    if note:
+        warn(note)
 
 
 def train(cfg):

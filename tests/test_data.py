@@ -177,6 +177,25 @@ def test_jsonl_rows_are_objects_of_strings_in_utf8(tmp_path, content, message):
         read_jsonl(str(tmp_path / "missing.jsonl"))
 
 
+@pytest.mark.parametrize("chat", [None, "chatml"])
+def test_answer_in_window_agrees_with_answer_start(chat):
+    """answer_in_window (bytes, no encoding) against answer_start (the prompt encoded again), at
+    every cut of every sample, plain and in a chat format."""
+    import tiktoken
+    from data import answer_in_window, answer_start, sample_ids
+    tok = synthetic_tokenizer()
+    if chat:
+        enc, n = tok.enc, tok.enc.n_vocab
+        tok = Tokenizer(tiktoken.Encoding("chat", pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
+                                          special_tokens={"<|im_start|>": n, "<|im_end|>": n + 1}),
+                        "<|im_end|>", chat=chat)
+    for row in synthetic_problems(50, seed=5) + [{"question": "café?", "answer": "naïve #### 1"}]:
+        ids = sample_ids(tok, row)
+        start = answer_start(tok, row, ids)
+        assert [answer_in_window(tok, row, ids, n) for n in range(1, len(ids) + 1)] == \
+            [start < n for n in range(1, len(ids) + 1)]
+
+
 def test_jsonl_with_a_utf8_bom_reads_and_other_encodings_and_shapes_are_named(tmp_path):
     row = {"question": "q", "answer": "#### 1"}
     path = tmp_path / "rows.jsonl"
