@@ -483,9 +483,30 @@ def check_config(cfg):
     if cfg.attention not in ("sdpa", "flex"):
         raise ConfigError("--attention must be sdpa or flex")
     if n_regions(cfg) < 1 or cfg.seq_len // n_regions(cfg) < cfg.k:
-        raise ConfigError(f"--seq-len {cfg.seq_len} is too short for {n_regions(cfg)} regions of "
-                          f"up to k={cfg.k} tokens: use --seq-len >= {max(1, n_regions(cfg)) * 2 * cfg.k} "
-                          "or fewer --regions")
+        raise ConfigError(regions_misfit(cfg))
+
+
+def regions_misfit(cfg):
+    """Why --seq-len cannot hold its regions of up to k_max tokens, and each change that would
+    fit: other --regions (more, when the paper's count rounds to none), --seq-len or --k."""
+    N, M, k = cfg.seq_len, n_regions(cfg), cfg.k
+    fixes = []
+    if cfg.regions:                     # M given: at most N // k regions fit
+        what = f"--regions {M}"
+        if N // k:
+            fixes.append(f"--regions {N // k}" + " or fewer" * (N // k > 1))
+        fixes.append(f"--seq-len >= {M * k}")
+        most_k = N // M
+    else:                               # the paper's M = N // (2 k_max) is 0: N < 2 k_max
+        what = f"the paper's seq_len // (2 k_max) = {M} regions"
+        if N >= k:
+            fixes.append("--regions 1")
+        fixes.append(f"--seq-len >= {2 * k}")
+        most_k = N // 2
+    if most_k >= 2:
+        fixes.append(f"--k {most_k}" + " or less" * (most_k > 2))
+    return (f"--seq-len {N} is too short for {what} of up to k={k} tokens: give "
+            f"{', '.join(fixes[:-1])}{' or ' if len(fixes) > 1 else ''}{fixes[-1]}")
 
 
 # -----------------------------------------------------------------------------

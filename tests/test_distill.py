@@ -1,6 +1,7 @@
 """distill.py: the losses against naive loops, exact resume, DDP, and bad-input messages."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -535,3 +536,23 @@ def test_rows_with_empty_answers_are_left_out_and_all_empty_is_refused(tiny_init
     assert_exits(main, run_args(tiny_init, tmp_path / "r", "--data", data),
                  "every one of its 40 rows has an empty answer", capsys)
 
+
+@pytest.mark.parametrize("flags,said", [
+    (["--k", "1000"], "--seq-len >= 2000 or --k 80 or less"),
+    (["--seq-len", "7"], "--regions 1, --seq-len >= 8 or --k 3 or less"),
+    (["--seq-len", "12", "--regions", "4"], "--regions 3 or fewer, --seq-len >= 16 or --k 3 or less"),
+    (["--seq-len", "5", "--regions", "2", "--k", "3"], "--regions 1, --seq-len >= 6 or --k 2"),
+    (["--seq-len", "3", "--k", "4"], "--seq-len >= 8"),
+])
+def test_a_seq_len_too_short_for_its_regions_names_each_fix_that_fits(flags, said):
+    """Every change the message proposes passes the check (applied alone)."""
+    cfg = parse_args(flags)
+    with pytest.raises(distill.ConfigError) as e:
+        distill.check_config(cfg)
+    assert str(e.value).endswith(said), str(e.value)
+    fixes = re.findall(r"(--[a-z-]+) (?:>= )?(\d+)( or fewer| or less)?", said)
+    assert len(fixes) == said.count("--")
+    for flag, value, or_less in fixes:
+        distill.check_config(parse_args(flags + [flag, value]))
+        if or_less:                                             # the other end of the range
+            distill.check_config(parse_args(flags + [flag, "1" if flag == "--regions" else "2"]))
