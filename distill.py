@@ -45,7 +45,7 @@ from training.log import fresh_stats, interval_record, warn, write_log
 from training.options import ConfigError, add_config_args, check_options, parse_with_recipe
 from training.run_dir import (Diverged, TrainingError, claimed_out_dir, clear_out_dir, diverged,
                               latest_checkpoint, load_optimizer_state, os_problem, plan_length,
-                              resume, save_run, write_args)
+                              resume, save_run, truncate_log, write_args)
 from training.samples import accum_steps, load_samples, sample_stream, step_size_note
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -452,6 +452,8 @@ def load_run(cfg, world, device, master):
     opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if optim_state is not None:         # the loaded state goes with this function's return
         load_optimizer_state(raw, opt, optim_state, cfg)
+    if cfg.resume and master:           # all loaded: only now the log forgets the steps to redo
+        truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
     return raw, student, teacher, tok, (seqs, starts), opt, rng, stream, step
 
 

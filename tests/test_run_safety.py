@@ -1,10 +1,12 @@
 """distill.py and training/run_dir.py keep a run safe: its --out is never touched unasked (and --overwrite clears it only
 once everything has loaded), one run at a time uses it, --resume continues exactly or refuses,
 a diverged run stops with its last good checkpoint, every bad option is one line, a full disk
-too, and a resumed run does not keep the previous train_state.pt open."""
+and a damaged file of a run too, and a resumed run does not keep the previous
+train_state.pt open."""
 import errno
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -281,3 +283,189 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tin
     monkeypatch.undo()
     assert torch.load(out / "ckpt" / "train_state.pt", weights_only=False)["step"] == 3
     assert sorted(os.listdir(out)) == ["args.json", "ckpt", "log.jsonl"]    # no ckpt.tmp, no lock
+
+
+# -----------------------------------------------------------------------------
+# Damaged files of a run: named with what to do, never a traceback; nothing changed
+
+
+def damage(path, how):
+    """Cut the file at `path` to half, empty it, fill it with random bytes, or (a train_state.pt)
+    save something else in its place."""
+    if how == "not a state":
+        return torch.save({"step": 3}, path)
+    data = open(path, "rb").read()
+    rng = random.Random(0)
+    data = {"cut short": data[:len(data) // 2], "empty": b"",
+            "random bytes": bytes(rng.randrange(256) for _ in range(4096))}[how]
+    open(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("how", ["cut short", "empty", "random bytes", "not a state"])
+def test_a_damaged_train_state_is_named_on_resume_and_on_a_new_run(tiny_init, done_run, tmp_path,
+                                                                   capsys, how):
+    """--resume cannot continue: one line names the file and both ways on (start over, or the
+    weights in a new run); a new run into that --out names it too, and --overwrite, not
+    --resume. Nothing of the run changes."""
+    out = copy_of(done_run, tmp_path / "run")
+    damage(out / "ckpt" / "train_state.pt", how)
+    before = snapshot(out)
+    assert_exits(main, run_args(tiny_init, out, "--steps", "6", "--resume"),
+                 f"{out}/ckpt/train_state.pt is damaged", capsys)
+    assert_exits(main, run_args(tiny_init, out, "--steps", "6", "--resume"),
+                 f"start it over with --overwrite, or train its weights on in a new run: --init "
+                 f"{out}/ckpt --reuse-mtp --out", capsys)
+    assert_exits(main, run_args(tiny_init, out, "--steps", "6"),
+                 "ckpt/train_state.pt is damaged, so it cannot be resumed): start over with "
+                 "--overwrite", capsys)
+    assert snapshot(out) == before
+
+
+def test_a_damaged_train_state_in_ckpt_old_is_named(tiny_init, done_run, tmp_path, capsys):
+    """Killed between a save's two renames: ckpt.old is the checkpoint to resume."""
+    out = copy_of(done_run, tmp_path / "run")
+    os.replace(out / "ckpt", out / "ckpt.old")
+    damage(out / "ckpt.old" / "train_state.pt", "cut short")
+    assert_exits(main, run_args(tiny_init, out, "--steps", "6", "--resume"),
+                 f"{out}/ckpt.old/train_state.pt is damaged", capsys)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_damaged_weights_or_config_on_resume_are_one_line(tiny_init, done_run, tmp_path, capsys,
+                                                          name):
+    out = copy_of(done_run, tmp_path / "run")
+    damage(out / "ckpt" / name, "cut short")
+    before = snapshot(out)
+    assert_exits(main, run_args(tiny_init, out, "--steps", "6", "--resume"),
+                 "cannot be resumed: start it over with --overwrite", capsys)
+    assert snapshot(out) == before
+
+
+def test_weights_that_are_not_the_optimizer_states_are_one_line(tiny_init, done_run, tmp_path,
+                                                                capsys):
+    """Another model's weights over the checkpoint (the same number of tensors, other shapes):
+    AdamW's load_state_dict takes them; resume refuses them, and the log keeps its records of
+    steps after the checkpoint (a resume that goes on drops them)."""
+    from synthetic.tokenizer import synthetic_tokenizer
+    out = copy_of(done_run, tmp_path / "run")
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n")
+    other = Transformer(tiny_config(vocab=synthetic_tokenizer().n_vocab, max_seq_len=256, d_ff=40))
+    other.add_mtp_token()
+    save_pretrained(other, out / "ckpt")
+    before = snapshot(out)
+    assert_exits(main, run_args(tiny_init, out, "--steps", "6", "--resume"),
+                 "train_state.pt does not fit the weights beside it", capsys)
+    assert snapshot(out) == before
+
+
+LOG_DAMAGE = {   # what is done to the log -> what the warning says was dropped
+    "cut last line": (lambda lines: lines + ['{"step": 4, "lo'], "its last line, cut short"),
+    "cut last line, binary": (lambda lines: lines + ["\udcff\udcfe"], "its last line, cut short"),
+    "blank lines": (lambda lines: lines[:1] + ["", "  "] + lines[1:], "2 blank lines"),
+    "a record without a step": (lambda lines: lines[:1] + ['{"note": "mine"}'] + lines[1:],
+                                "1 record without a step (line 2)"),
+}
+
+
+@pytest.mark.parametrize("how", LOG_DAMAGE)
+def test_a_resume_drops_what_a_log_cannot_keep_and_says_so(tiny_init, done_run, tmp_path, capsys,
+                                                           how):
+    out = copy_of(done_run, tmp_path / "run")
+    hurt, said = LOG_DAMAGE[how]
+    good = open(out / "log.jsonl").read().splitlines()
+    text = "\n".join(hurt(good)) + ("" if how.startswith("cut") else "\n")
+    (out / "log.jsonl").write_bytes(text.encode("utf-8", "surrogateescape"))
+    train(parse_args(run_args(tiny_init, out, "--steps", "4", "--resume", "--log-every", "1")))
+    warnings = [w for w in capsys.readouterr().err.splitlines() if "log.jsonl" in w]
+    assert len(warnings) == 1 and f"log.jsonl: dropped {said}" in warnings[0], warnings
+    assert f"the {len(good)} records up to step 3 are kept" in warnings[0]
+    recs = strict_json(out / "log.jsonl")
+    assert recs[:len(good)] == [json.loads(line) for line in good]
+    assert [r["step"] for r in recs[len(good):]] == [4, 4]          # its log line and its save
+
+
+def test_a_log_line_that_is_not_json_before_the_last_is_named(tiny_init, done_run, tmp_path,
+                                                                capsys):
+    out = copy_of(done_run, tmp_path / "run")
+    lines = open(out / "log.jsonl").read().splitlines()
+    (out / "log.jsonl").write_text("\n".join(lines[:1] + ["oops"] + lines[1:]) + "\n")
+    before = snapshot(out)
+    assert_exits(main, run_args(tiny_init, out, "--steps", "6", "--resume"),
+                 "log.jsonl:2 is not a JSON record, so --resume cannot tell which steps it "
+                 "logged: delete or correct that line", capsys)
+    assert snapshot(out) == before                    # args.json too
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"\xff\xfe\x00", b"12 host extra"])
+def test_a_lock_that_names_no_run_is_one_line(tiny_init, tmp_path, capsys, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "lock").write_bytes(content)
+    assert_exits(main, run_args(tiny_init, out, "--steps", "1"), f"{out}/lock names no run",
+                 capsys)
+    assert os.listdir(out) == ["lock"]
+
+
+# -----------------------------------------------------------------------------
+# A run that stopped before its first checkpoint, and the results beside a run
+
+
+def test_a_run_killed_before_its_first_save_leads_to_overwrite_not_round_in_a_loop(
+        tiny_init, tmp_path, capsys, monkeypatch):
+    """--resume: no checkpoint, so start over with --overwrite; a new run: the same, never
+    "continue it with --resume"; then --overwrite runs."""
+    class Killed(Exception):
+        pass
+
+    def killed(*a, **kw):
+        raise Killed
+    monkeypatch.setattr(distill, "save_run", killed)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(parse_args(run_args(tiny_init, out, "--steps", "8")))
+    monkeypatch.undo()
+    assert_exits(main, run_args(tiny_init, out, "--steps", "8", "--resume"),
+                 f"the run in {out} saved no checkpoint (it holds log.jsonl, args.json), so it "
+                 "cannot be resumed: start it over with --overwrite", capsys)
+    with pytest.raises(SystemExit):
+        main(run_args(tiny_init, out, "--steps", "8"))
+    err = capsys.readouterr().err
+    assert "no checkpoint was saved, so it cannot be resumed): start over with --overwrite" in err
+    assert "--resume" not in err
+    train(parse_args(run_args(tiny_init, out, "--steps", "1", "--overwrite")))
+
+
+def test_a_checkpoint_without_its_train_state_names_what_can_be_done(tiny_init, done_run, tmp_path,
+                                                                     capsys):
+    out = copy_of(done_run, tmp_path / "run")
+    os.remove(out / "ckpt" / "train_state.pt")
+    assert_exits(main, run_args(tiny_init, out, "--steps", "6", "--resume"),
+                 f"{out}/ckpt has no train_state.pt, so it cannot be resumed; start it over with "
+                 f"--overwrite, or train its weights on in a new run: --init {out}/ckpt", capsys)
+    assert_exits(main, run_args(tiny_init, tmp_path / "nothing", "--resume"),
+                 "nor anything else of a run; start a new run without --resume", capsys)
+
+
+BENCH = ["bench_synthetic.md", "bench_synthetic.json", "bench_synthetic.png", "bench_x.jsonl.md"]
+
+
+def test_overwrite_clears_the_old_runs_bench_results_too(tiny_init, done_run, tmp_path, capsys):
+    out = copy_of(done_run, tmp_path / "run")
+    for name in BENCH + ["notes.txt"]:
+        (out / name).write_text("old")
+    assert_exits(main, run_args(tiny_init, out, "--steps", "1"),
+                 "bench_synthetic.json, bench_synthetic.md, bench_synthetic.png, bench_x.jsonl.md; "
+                 "checkpoint at step 3", capsys)
+    train(parse_args(run_args(tiny_init, out, "--steps", "1", "--overwrite")))
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--overwrite")]
+    assert said == [f"--overwrite: removed ckpt, log.jsonl, args.json, {', '.join(sorted(BENCH))} "
+                    f"of the earlier run in {out}"]
+    assert sorted(os.listdir(out)) == ["args.json", "ckpt", "log.jsonl", "notes.txt"]
+    (out / "bench_synthetic.md").write_text("old")                # results alone are a trace too
+    shutil.rmtree(out / "ckpt")
+    os.remove(out / "log.jsonl")
+    os.remove(out / "args.json")
+    assert_exits(main, run_args(tiny_init, out, "--steps", "1"),
+                 "already holds a run (bench_synthetic.md; no checkpoint was saved", capsys)
+
