@@ -1,7 +1,7 @@
 """distill.py and training/run_dir.py keep a run safe: its --out is never touched unasked (and --overwrite clears it only
 once everything has loaded), one run at a time uses it, --resume continues exactly or refuses,
 a diverged run stops with its last good checkpoint, every bad option is one line, a full disk
-and a damaged file of a run too, and a resumed run does not keep the previous
+(a real one too) and a damaged file of a run too, and a resumed run does not keep the previous
 train_state.pt open."""
 import errno
 import json
@@ -19,7 +19,9 @@ import distill
 from conftest import assert_exits, tiny_config
 from distill import main, optimizer_update, parse_args, train
 from model import Transformer
+from compat import hf
 from compat.hf import from_pretrained, save_pretrained
+from safetensors import SafetensorError
 from training import run_dir
 from training.run_dir import Diverged, RunLock
 
@@ -269,20 +271,107 @@ def test_a_tokenizer_that_does_not_fit_the_teachers_vocabulary(tmp_path, capsys)
                  "its tokenizer has ids up to 511, but the model has 100 token rows", capsys)
 
 
-def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tiny_init, tmp_path,
-                                                                             monkeypatch, capsys):
-    out, saves, save = tmp_path / "run", [], torch.save
+def raise_at_second_call(fn, error):
+    calls = []
 
-    def full_disk_at_the_second_save(obj, path, *a, **kw):
-        saves.append(path)
-        if len(saves) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return save(obj, path, *a, **kw)
-    monkeypatch.setattr(run_dir.torch, "save", full_disk_at_the_second_save)
-    assert_exits(main, run_args(tiny_init, out, "--steps", "8"), "the disk is full", capsys)
+    def second_fails(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return fn(*a, **kw)
+    return second_fails
+
+
+TORCH_FULL = RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed "
+                          "writing file data/3: file write failed")
+SAFETENSORS_FULL = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: '
+                                   'StorageFull, message: "No space left on device" })')
+WRITE_FAILURES = {   # what fails, how: what is patched, its error, a full disk?, what is said
+    "torch.save, ENOSPC": (run_dir.torch, "save", OSError(errno.ENOSPC, "No space left on device"),
+                           False, "untouched: the disk is full"),
+    "torch.save, its RuntimeError": (run_dir.torch, "save", TORCH_FULL, True,
+                                     "untouched: the disk is full"),
+    "safetensors, its SafetensorError": (hf, "save_file", SAFETENSORS_FULL, False,
+                                         "untouched: the disk is full"),
+    "torch.save, another RuntimeError": (run_dir.torch, "save", TORCH_FULL, False,
+                                         "untouched: RuntimeError: [enforce fail"),
+}
+
+
+@pytest.mark.parametrize("case", WRITE_FAILURES)
+def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(tiny_init, tmp_path, monkeypatch,
+                                                                 capsys, case):
+    """torch.save and safetensors report a full disk as their own error types (RuntimeError
+    without an errno, SafetensorError): each is one line, naming a full disk as one where the
+    disk is full, and the half-written ckpt.tmp is removed."""
+    where, name, error, full, message = WRITE_FAILURES[case]
+    out = tmp_path / "run"
+    monkeypatch.setattr(where, name, raise_at_second_call(getattr(where, name), error))
+    if full:
+        monkeypatch.setattr(run_dir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(
+            30 << 20, 30 << 20, 4096))
+    assert_exits(main, run_args(tiny_init, out, "--steps", "8"),
+                 f"saving the checkpoint of step 6 failed, the last one saved is {message}", capsys)
     monkeypatch.undo()
     assert torch.load(out / "ckpt" / "train_state.pt", weights_only=False)["step"] == 3
     assert sorted(os.listdir(out)) == ["args.json", "ckpt", "log.jsonl"]    # no ckpt.tmp, no lock
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 30 MB file system (tmpfs; needs root and a mount that is permitted)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs",
+                                            str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root, where it is permitted")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)   # -l: a failed test may hold a file
+
+
+def on_disk(path):
+    """Bytes the file `path`, or the files under it, take on tmpfs (whole 4 KiB pages)."""
+    files = [os.path.join(d, n) for d, _, names in os.walk(path) for n in names] or [path]
+    return sum(-(-os.path.getsize(f) // 4096) * 4096 for f in files)
+
+
+@pytest.mark.parametrize("fails_in", ["model.safetensors", "train_state.pt"])
+def test_a_real_full_disk_during_a_save(tiny_init, done_run, small_disk, capsys, fails_in):
+    """The disk fills up in the second save (a filler file leaves room for one checkpoint and
+    part of the named file of the next): one line, the first checkpoint whole, no ckpt.tmp left
+    on the full disk; with space freed, --resume finishes the run."""
+    ck = done_run / "ckpt"
+    one = on_disk(ck)
+    before = one - on_disk(ck / "train_state.pt") if fails_in == "train_state.pt" else 0
+    room = one + 32 * 1024 + before + on_disk(ck / fails_in) // 2   # log, args, lock: 12 KiB
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (shutil.disk_usage(small_disk).free - room))
+    out = small_disk / "run"
+    assert_exits(main, run_args(tiny_init, out, "--steps", "8"),
+                 "saving the checkpoint of step 6 failed, the last one saved is untouched: the "
+                 "disk is full (no space left on device): free some space, then continue with "
+                 "--resume", capsys)
+    assert sorted(os.listdir(out)) == ["args.json", "ckpt", "log.jsonl"]
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=False)["step"] == 3
+    os.remove(filler)
+    train(parse_args(run_args(tiny_init, out, "--steps", "8", "--resume")))
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=False)["step"] == 8
+
+
+def test_a_full_disk_at_the_start_leaves_no_empty_lock(tiny_init, small_disk, capsys):
+    """The lock is created but its "pid host" cannot be written: it is removed again (an empty
+    lock would read as another run's), and the line says to free space and run again."""
+    out = small_disk / "run"
+    out.mkdir()
+    with open(small_disk / "filler", "wb") as f:
+        f.write(b"\0" * shutil.disk_usage(small_disk).free)
+    assert_exits(main, run_args(tiny_init, out, "--steps", "1"),
+                 f"--out {out} cannot be written: the disk is full (no space left on device): free "
+                 "some space, then run this again", capsys)
+    assert os.listdir(out) == []
 
 
 # -----------------------------------------------------------------------------

@@ -41,12 +41,29 @@ class TrainingError(RuntimeError):
     """A run that cannot go on: the message says why, and what of the run is kept."""
 
 
+DISK_FULL = ("the disk is full (no space left on device): free some space, then continue with "
+             "--resume")
+
+
 def os_problem(e):
     """An OSError in words, a full disk by name."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ("the disk is full (no space left on device): free some space, then continue with "
-                "--resume")
+        return DISK_FULL
     return f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
+
+
+def write_problem(e, folder):
+    """A failed write in words. torch.save and safetensors report a full disk as their own
+    RuntimeError and SafetensorError, with no errno: a disk left with (almost) no free space
+    after one is a full disk too."""
+    if isinstance(e, OSError):
+        return os_problem(e)
+    text = str(e)
+    with contextlib.suppress(OSError):
+        if "No space left" in text or "StorageFull" in text or \
+                shutil.disk_usage(folder).free < 1 << 20:
+            return DISK_FULL
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 # -----------------------------------------------------------------------------
@@ -69,13 +86,24 @@ class RunLock:
             os.makedirs(self.out, exist_ok=True)
             for _ in range(2):                  # a second try after removing a stale lock
                 try:
-                    with open(self.path, "x") as f:
-                        return f.write(self.me + "\n")
+                    return self.write()
                 except FileExistsError:
                     self.remove_stale()
         except OSError as e:
-            raise ConfigError(f"--out {self.out} cannot be written: {os_problem(e)}") from None
+            problem = os_problem(e).replace("continue with --resume", "run this again")
+            raise ConfigError(f"--out {self.out} cannot be written: {problem}") from None
         raise ConfigError(f"{self.path} is taken by another run: try again, or pick another --out")
+
+    def write(self):
+        """Create the lock with "pid host" in it; a lock left empty by a failed write (a full
+        disk) would read as another run's, so it is removed again."""
+        with open(self.path, "x") as f:
+            try:
+                f.write(self.me + "\n")
+                f.flush()
+            except OSError:
+                os.remove(self.path)
+                raise
 
     def remove_stale(self):
         with open(self.path, "rb") as f:
@@ -325,10 +353,11 @@ def save_checkpoint(out, student, tok, state):
         save_pretrained(student, tmp)
         tok.save(tmp)
         torch.save(state, os.path.join(tmp, "train_state.pt"))
-    except OSError as e:
+    except Exception as e:              # torch.save and safetensors raise their own types
+        problem = write_problem(e, out)     # in words while ckpt.tmp still fills the disk
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError(f"saving the checkpoint of step {state['step']} failed, the last one "
-                            f"saved is untouched: {os_problem(e)}") from None
+                            f"saved is untouched: {problem}") from None
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
