@@ -43,9 +43,9 @@ from synthetic.teacher import SYNTH_TEACHER, build_default_teacher
 from synthetic.tokenizer import synthetic_tokenizer
 from training.log import fresh_stats, interval_record, warn, write_log
 from training.options import ConfigError, add_config_args, check_options, parse_with_recipe
-from training.run_dir import (Diverged, TrainingError, claimed_out_dir, clear_out_dir, diverged,
-                              latest_checkpoint, load_optimizer_state, os_problem, plan_length,
-                              resume, save_run, truncate_log, write_args)
+from training.run_dir import (Diverged, Stopped, TrainingError, claimed_out_dir, clear_out_dir,
+                              diverged, latest_checkpoint, load_optimizer_state, os_problem,
+                              plan_length, resume, save_run, stopped, truncate_log, write_args)
 from training.samples import accum_steps, load_samples, sample_stream, step_size_note
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -547,27 +547,32 @@ def train(cfg):
             write_args(cfg, total)
         acc, t_start, start_step = fresh_stats(cfg.k), time.perf_counter(), step
         with open(os.path.join(cfg.out, "log.jsonl"), "a") if master else contextlib.nullcontext() as log:
-            while step < total:
-                micro = step_batches(cfg, *samples, stream, rng, rank, world, mtp_id, eos_id, device,
-                                     accum)
-                lr = lr_at(step, cfg.lr, warmup, cooldown, total)
-                try:
-                    train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, eos_id, device, acc)
-                except Diverged as e:
-                    raise TrainingError(diverged(cfg, step + 1, e)) from None
-                step += 1
-                if cfg.minutes and step - start_step == cfg.log_every:
-                    total = plan_length(cfg, step, time.perf_counter() - t_start, world, device, log)
-                if step % cfg.log_every == 0 or step == total:
-                    rec = interval_record(cfg, acc, step, world, device)
-                    if master:
-                        eta = (time.perf_counter() - t_start) / (step - start_step) * (total - step)
-                        write_log(rec, total, eta, log)
-                    acc = fresh_stats(cfg.k)
-                if step % cfg.save_every == 0 or step == total:
-                    t_save = time.perf_counter()
-                    save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master)
-                    acc["t0"] += time.perf_counter() - t_save     # step times exclude checkpointing
+            try:
+                while step < total:
+                    micro = step_batches(cfg, *samples, stream, rng, rank, world, mtp_id, eos_id,
+                                         device, accum)
+                    lr = lr_at(step, cfg.lr, warmup, cooldown, total)
+                    try:
+                        train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, eos_id,
+                                   device, acc)
+                    except Diverged as e:
+                        raise TrainingError(diverged(cfg, step + 1, e)) from None
+                    step += 1
+                    if cfg.minutes and step - start_step == cfg.log_every:
+                        total = plan_length(cfg, step, time.perf_counter() - t_start, world, device,
+                                            log)
+                    if step % cfg.log_every == 0 or step == total:
+                        rec = interval_record(cfg, acc, step, world, device)
+                        if master:
+                            eta = (time.perf_counter() - t_start) / (step - start_step) * (total - step)
+                            write_log(rec, total, eta, log)
+                        acc = fresh_stats(cfg.k)
+                    if step % cfg.save_every == 0 or step == total:
+                        t_save = time.perf_counter()
+                        save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master)
+                        acc["t0"] += time.perf_counter() - t_save     # step times exclude saving
+            except KeyboardInterrupt:           # Ctrl-C: one line, the last checkpoint kept
+                raise Stopped(stopped(cfg, step, total)) from None
         if master:
             print(f"done: {step} steps in {time.perf_counter() - t_start:.0f} s; student in "
                   f"{os.path.join(cfg.out, 'ckpt')}", flush=True)
@@ -581,6 +586,12 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         train(cfg)
+    except KeyboardInterrupt:           # Ctrl-C before the loop (train() says where in it)
+        print(stopped(cfg), file=sys.stderr)
+        sys.exit(130)
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
     except (ConfigError, CheckpointError, TokenizerError, DataError, TrainingError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,12 +2,13 @@
 once everything has loaded), one run at a time uses it, --resume continues exactly or refuses,
 a diverged run stops with its last good checkpoint, every bad option is one line, a full disk
 (a real one too) and a damaged file of a run too, and a resumed run does not keep the previous
-train_state.pt open."""
+train_state.pt open. Ctrl-C is one line."""
 import errno
 import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -557,4 +558,90 @@ def test_overwrite_clears_the_old_runs_bench_results_too(tiny_init, done_run, tm
     os.remove(out / "args.json")
     assert_exits(main, run_args(tiny_init, out, "--steps", "1"),
                  "already holds a run (bench_synthetic.md; no checkpoint was saved", capsys)
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C: one line, exit code 130, the last checkpoint kept, the lock released
+
+
+def exit_code(args):
+    """main(args)'s exit code; a Ctrl-C that escapes it fails the test (and not the whole run)."""
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main")
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_ctrl_c_in_the_loop_is_one_line_and_keeps_the_last_checkpoint(tiny_init, tmp_path,
+                                                                      monkeypatch, capsys):
+    steps, train_step = [], distill.train_step
+
+    def ctrl_c_in_step_5(*a, **kw):
+        steps.append(1)
+        if len(steps) == 5:
+            raise KeyboardInterrupt
+        return train_step(*a, **kw)
+    monkeypatch.setattr(distill, "train_step", ctrl_c_in_step_5)
+    out = tmp_path / "run"
+    assert exit_code(run_args(tiny_init, out, "--steps", "8")) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if not line.startswith("warning")] == [f"stopped (Ctrl-C) after 4 of 8 steps; {out}/ckpt keeps step 3: "
+                                "continue it with --resume"]
+    assert sorted(os.listdir(out)) == ["args.json", "ckpt", "log.jsonl"]      # no lock
+    monkeypatch.undo()
+    train(parse_args(run_args(tiny_init, out, "--steps", "8", "--resume")))
+
+
+def test_ctrl_c_in_a_save_removes_the_half_checkpoint(tiny_init, tmp_path, monkeypatch, capsys):
+    out, saves, save = tmp_path / "run", [], torch.save
+
+    def ctrl_c_in_the_second_save(obj, path, *a, **kw):
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        return save(obj, path, *a, **kw)
+    monkeypatch.setattr(run_dir.torch, "save", ctrl_c_in_the_second_save)
+    assert exit_code(run_args(tiny_init, out, "--steps", "8")) == 130
+    assert f"stopped (Ctrl-C) after 6 of 8 steps; {out}/ckpt keeps step 3" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["args.json", "ckpt", "log.jsonl"]      # no ckpt.tmp
+
+
+def test_ctrl_c_before_the_first_save_and_while_loading(tiny_init, tmp_path, monkeypatch, capsys):
+    def ctrl_c(*a, **kw):
+        raise KeyboardInterrupt
+    out = tmp_path / "run"
+    monkeypatch.setattr(distill, "load_models", ctrl_c)
+    assert exit_code(run_args(tiny_init, out, "--steps", "8")) == 130 and not out.exists()
+    assert capsys.readouterr().err == f"stopped (Ctrl-C) before its first step: nothing was " \
+                                      f"written in {out}\n"
+    monkeypatch.undo()
+    monkeypatch.setattr(distill, "train_step", ctrl_c)
+    assert exit_code(run_args(tiny_init, out, "--steps", "8")) == 130
+    assert "after 0 of 8 steps; no checkpoint was saved yet: start it over with --overwrite" in \
+        capsys.readouterr().err
+
+
+def test_ctrl_c_from_the_terminal(tiny_init, tmp_path):
+    """A real SIGINT to a running distill.py: exit code 130, one line, no traceback."""
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(distill.__file__), "distill.py"),
+                          *run_args(tiny_init, out, "--steps", "100000")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:                 # the second log line: a checkpoint at step 3 is saved
+            if line.startswith("step 4/"):
+                break
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=60)[1]
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    lines = [line for line in err.splitlines() if not line.startswith("warning")]
+    assert len(lines) == 1 and lines[0].startswith("stopped (Ctrl-C) after ") and \
+        "keeps step" in lines[0] and lines[0].endswith("continue it with --resume"), err
+    assert not (out / "lock").exists()
 

@@ -2,9 +2,10 @@
 The run directory (--out) of distill.py, kept safe: one run at a time in it (RunLock), nothing
 of a run replaced unasked (--overwrite, check_out_dir), --resume continuing a run exactly or
 refusing (check_resume, resume), checkpoints swapped in whole (save_checkpoint), a diverged run
-stopped with its last good checkpoint named (Diverged), and --minutes' plan of a run's length
-(plan_steps), written to args.json with every setting. It imports nothing of distill.py: what it
-needs of TrainConfig (its defaults) comes in as an argument.
+stopped with its last good checkpoint named (Diverged), Ctrl-C's one line (Stopped), and
+--minutes' plan of a run's length (plan_steps), written to args.json with every setting. It
+imports nothing of distill.py: what it needs of TrainConfig (its defaults) comes in as an
+argument.
 
     OUT/lock        "pid host" of the process whose run uses OUT, while it runs
     OUT/ckpt/       the student (HF layout), its tokenizer, train_state.pt (optimizer, step,
@@ -39,6 +40,10 @@ BENCH_FILES = (".md", ".json", ".png")     # bench.py's OUT/bench_<data>.* besid
 
 class TrainingError(RuntimeError):
     """A run that cannot go on: the message says why, and what of the run is kept."""
+
+
+class Stopped(TrainingError):
+    """Ctrl-C: the run stopped where it was; the message says what of it is kept."""
 
 
 DISK_FULL = ("the disk is full (no space left on device): free some space, then continue with "
@@ -345,7 +350,7 @@ def truncate_log(path, step):
 
 def save_checkpoint(out, student, tok, state):
     """Write ckpt.tmp/ in full, then swap it in for ckpt/: a kill never leaves a half checkpoint,
-    nor does a failed write (a full disk), whose ckpt.tmp/ is removed again.
+    nor does a failed write (a full disk), whose ckpt.tmp/ is removed again (Ctrl-C's too).
     state: train_state.pt's contents (the optimizer's state, step, data position, RNG states)."""
     tmp, final, old = (os.path.join(out, n) for n in ("ckpt.tmp", "ckpt", "ckpt.old"))
     shutil.rmtree(tmp, ignore_errors=True)
@@ -353,9 +358,12 @@ def save_checkpoint(out, student, tok, state):
         save_pretrained(student, tmp)
         tok.save(tmp)
         torch.save(state, os.path.join(tmp, "train_state.pt"))
-    except Exception as e:              # torch.save and safetensors raise their own types
-        problem = write_problem(e, out)     # in words while ckpt.tmp still fills the disk
+    except BaseException as e:          # torch.save and safetensors raise their own types
+        # in words while ckpt.tmp still fills the disk (write_problem); None: Ctrl-C
+        problem = write_problem(e, out) if isinstance(e, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if problem is None:             # Ctrl-C
+            raise
         raise TrainingError(f"saving the checkpoint of step {state['step']} failed, the last one "
                             f"saved is untouched: {problem}") from None
     if os.path.isdir(final):
@@ -469,6 +477,17 @@ def diverged(cfg, step, e):
     return (f"step {step} diverged: {e}. Most likely the learning rate is too high for this model "
             f"(--lr {cfg.lr:g}{', no --grad-clip' if not cfg.grad_clip else ''}); "
             f"{kept(cfg.out)[0]}. Start over with a lower --lr (--overwrite)")
+
+
+def stopped(cfg, step=None, total=None):
+    """The one line of a run stopped by Ctrl-C (exit code 130): where, what is kept, what next.
+    step: the steps it had done (None: it stopped before its loop began)."""
+    where = f"after {step} of {total} steps" if step is not None else "before its first step"
+    if step is None and not run_files(cfg.out):
+        return f"stopped (Ctrl-C) {where}: nothing was written in {cfg.out}"
+    what, resumable = kept(cfg.out)
+    then = "start it over with --overwrite" if resumable is None else "continue it with --resume"
+    return f"stopped (Ctrl-C) {where}; {what}: {then}"
 
 
 # -----------------------------------------------------------------------------
