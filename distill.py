@@ -45,7 +45,8 @@ from training.log import fresh_stats, interval_record, warn, write_log
 from training.options import ConfigError, add_config_args, check_options, parse_with_recipe
 from training.run_dir import (Diverged, Stopped, TrainingError, claimed_out_dir, clear_out_dir,
                               diverged, latest_checkpoint, load_optimizer_state, os_problem,
-                              plan_length, resume, save_run, stopped, truncate_log, write_args)
+                              plan_length, planned_total, resume, save_run, stopped, truncate_log,
+                              write_args)
 from training.samples import accum_steps, load_samples, sample_stream, step_size_note
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -515,9 +516,23 @@ def regions_misfit(cfg):
 # The training loop
 
 
-def print_start(cfg, raw, device, world, n_samples, accum, warmup, cooldown):
+def schedule_change(cfg, step, saved_total):
+    """--resume with another --steps than the run's `saved_total`: the line that says how the lr
+    of the steps still to run changes (None: not at all, with no cool-down and a warm-up that
+    fits both lengths). The lr schedule is a function of the run's length (lr_at)."""
+    (w0, c0), (w1, c1) = (fit_schedule(cfg.warmup, cfg.cooldown, t) for t in (saved_total, cfg.steps))
+    if cfg.steps in (saved_total, step) or step > cfg.steps or (c1 == 0 and w0 == w1):
+        return None
+    what = [f"its cool-down now covers steps {cfg.steps - c1 + 1}-{cfg.steps} (was "
+            f"{saved_total - c0 + 1}-{saved_total})"] if c1 else []
+    what += [f"its warm-up is {w1} steps (was {w0})"] if w1 != w0 else []
+    return (f"--steps {saved_total} -> {cfg.steps} on --resume changes the lr of the steps still to "
+            f"run ({step + 1}-{cfg.steps}): {' and '.join(what)}")
+
+
+def print_start(cfg, raw, device, world, n_samples, accum, warmup, cooldown, step):
     """The run's first lines on stdout: what trains where, and a schedule fitted to a short run;
-    a warning where a step does not train what --step-tokens says."""
+    a warning where the step size or (--resume) the lr schedule is not what the options say."""
     n_params = sum(p.numel() for p in raw.parameters())
     print(f"{'pretrain' if cfg.pretrain else 'distill'}: {n_params / 1e6:.2f}M params on {device}"
           f" x{world}{' (FSDP)' if cfg.fsdp else ''}, {n_samples} samples, {accum} x "
@@ -525,9 +540,10 @@ def print_start(cfg, raw, device, world, n_samples, accum, warmup, cooldown):
     if (warmup, cooldown) != (cfg.warmup, cfg.cooldown):
         print(f"--steps {cfg.steps} is shorter than --warmup {cfg.warmup} + --cooldown "
               f"{cfg.cooldown}: warm-up {warmup} and cool-down {cooldown} steps instead", flush=True)
-    note = step_size_note(cfg, world)
-    if note:
-        warn(note)
+    for note in (step_size_note(cfg, world),
+                 schedule_change(cfg, step, planned_total(cfg.out)) if cfg.resume else None):
+        if note:
+            warn(note)
 
 
 def train(cfg):
@@ -543,7 +559,7 @@ def train(cfg):
         warmup, cooldown = fit_schedule(cfg.warmup, cfg.cooldown, cfg.steps)   # --minutes never needs one
         total = cfg.steps                         # --minutes plans it once, after log_every steps
         if master:
-            print_start(cfg, raw, device, world, len(samples[0]), accum, warmup, cooldown)
+            print_start(cfg, raw, device, world, len(samples[0]), accum, warmup, cooldown, step)
             write_args(cfg, total)
         acc, t_start, start_step = fresh_stats(cfg.k), time.perf_counter(), step
         with open(os.path.join(cfg.out, "log.jsonl"), "a") if master else contextlib.nullcontext() as log:

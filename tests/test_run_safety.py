@@ -2,7 +2,7 @@
 once everything has loaded), one run at a time uses it, --resume continues exactly or refuses,
 a diverged run stops with its last good checkpoint, every bad option is one line, a full disk
 (a real one too) and a damaged file of a run too, and a resumed run does not keep the previous
-train_state.pt open. Ctrl-C is one line."""
+train_state.pt open. Ctrl-C is one line, and a resume that changes the lr schedule says so."""
 import errno
 import json
 import os
@@ -645,3 +645,34 @@ def test_ctrl_c_from_the_terminal(tiny_init, tmp_path):
         "keeps step" in lines[0] and lines[0].endswith("continue it with --resume"), err
     assert not (out / "lock").exists()
 
+
+# -----------------------------------------------------------------------------
+# A resume that changes the lr schedule says so
+
+
+def test_a_resume_with_more_steps_says_how_the_lr_schedule_changes(tiny_init, done_run, tmp_path,
+                                                                   capsys):
+    """done_run ran 3 steps, all cool-down (fitted: 0 + 3); --steps 6 fits a 6-step cool-down,
+    so steps 4-6 run at the lr of that one. The warning says so, and the log shows it."""
+    out = copy_of(done_run, tmp_path / "run")
+    capsys.readouterr()
+    train(parse_args(run_args(tiny_init, out, "--steps", "6", "--resume", "--log-every", "1")))
+    warnings = [w for w in capsys.readouterr().err.splitlines() if "changes the lr" in w]
+    assert warnings == ["warning: --steps 3 -> 6 on --resume changes the lr of the steps still to "
+                        "run (4-6): its cool-down now covers steps 1-6 (was 1-3)"]
+    lrs = [r["lr"] for r in strict_json(out / "log.jsonl") if "loss" in r and r["step"] > 3]
+    peak = distill.TrainConfig().lr
+    assert lrs == pytest.approx([distill.lr_at(s, peak, 0, 6, 6) for s in (3, 4, 5)])
+
+
+def test_schedule_change_is_said_only_where_the_lr_changes():
+    change = lambda steps, saved, step=3, **kw: distill.schedule_change(
+        parse_args(["--steps", str(steps)] + [f"--{k}={v}" for k, v in kw.items()]), step, saved)
+    assert change(10, 10) is None                                   # the same length
+    assert change(20, 10, warmup=2, cooldown=0) is None             # constant after its warm-up
+    assert change(20, 10, step=10, warmup=2, cooldown=0) is None
+    assert change(10, 20, step=12) is None                          # nothing left to run
+    assert change(2000, 1000) == ("--steps 1000 -> 2000 on --resume changes the lr of the steps "
+                                  "still to run (4-2000): its cool-down now covers steps "
+                                  "1601-2000 (was 601-1000)")
+    assert change(20, 10, warmup=15, cooldown=0).endswith("its warm-up is 15 steps (was 10)")

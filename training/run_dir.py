@@ -419,6 +419,12 @@ def saved_state(ck, mmap=True):
     return state
 
 
+def planned_total(out):
+    """The step count that the run in `out` ran to when it saved its last checkpoint."""
+    args = saved_state(latest_checkpoint(out))["args"]
+    return args.get("planned_steps", args["steps"])
+
+
 def checkpoint_step(ck):
     """The step of checkpoint `ck`, or None when its train_state.pt is damaged."""
     try:
