@@ -181,6 +181,15 @@ def answer_start(tok, row, ids):
     return n
 
 
+def answer_in_window(tok, row, ids, n):
+    """Whether the first n of sample_ids' `ids` hold any of the answer, by their length in bytes
+    against the prompt's (the answer's bytes end the sample, before its EOS): decoding, not the
+    second encoding answer_start makes."""
+    answer = (" " if tok.chat is None else "") + row["answer"]
+    prompt = len(tok.enc.decode_bytes(ids[:-1])) - len(answer.encode())
+    return len(tok.enc.decode_bytes(ids[:n])) > prompt
+
+
 # -----------------------------------------------------------------------------
 # Datasets: rows of {"question", "answer"}, the answer ending in "#### <number>" (GSM8K's format)
 
@@ -188,7 +197,8 @@ GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/g
 
 
 def read_jsonl(path):
-    """Rows of {"question": str, "answer": str}, one JSON object per line of a UTF-8 file."""
+    """Rows of {"question": str, "answer": str}, one JSON object per line of a UTF-8 file (a
+    byte-order mark before the first line, as some Windows editors write, is passed over)."""
     if not os.path.isfile(path):
         raise DataError(f"{path} does not exist or is not a file: give a .jsonl of "
                         "question/answer rows")
@@ -196,21 +206,34 @@ def read_jsonl(path):
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             try:
-                line = line.decode("utf-8")
+                line = line.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError:
-                raise DataError(f"{path}:{n} is not UTF-8 text: save the file as UTF-8") from None
+                other = " (it starts with a UTF-16 byte-order mark)" if n == 1 and \
+                    line[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+                raise DataError(f"{path}:{n} is not UTF-8 text{other}: save the file as "
+                                "UTF-8") from None
             if line.strip():
                 rows.append(jsonl_row(line, f"{path}:{n}"))
     return rows
 
 
+JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "true or false", type(None): "null"}
+
+
 def jsonl_row(line, where):
     try:
         row = json.loads(line)
-    except json.JSONDecodeError:
-        raise DataError(f"{where} is not valid JSON") from None
+    except json.JSONDecodeError as e:
+        hint = ("; a .jsonl holds one JSON object per line, not one JSON document across lines"
+                if line.strip() in ("[", "{") else "")
+        column = min(e.pos, len(line.rstrip("\r\n"))) + 1      # not past the line's end
+        raise DataError(f"{where} is not valid JSON ({e.msg} at column {column}){hint}") from None
     if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-        raise DataError(f"{where} needs the fields 'question' and 'answer' (a JSON object per line)")
+        has = (f" (it has {', '.join(map(repr, list(row)[:6])) or 'none'})" if isinstance(row, dict)
+               else f" (it is {JSON_KINDS.get(type(row), 'no object')}, not an object)")
+        raise DataError(f"{where} needs the fields 'question' and 'answer'{has}: one JSON object "
+                        "with both per line")
     for name in ("question", "answer"):
         if not isinstance(row[name], str):
             raise DataError(f"{where}: {name!r} must be a string, not {type(row[name]).__name__} "

@@ -41,12 +41,13 @@ from model import CheckpointError, Config, Transformer
 from parallel.distributed import setup_processes, wrap_models
 from synthetic.teacher import SYNTH_TEACHER, build_default_teacher
 from synthetic.tokenizer import synthetic_tokenizer
-from training.log import fresh_stats, interval_record, write_log
+from training.log import fresh_stats, interval_record, warn, write_log
 from training.options import ConfigError, add_config_args, check_options, parse_with_recipe
-from training.run_dir import (Diverged, TrainingError, claimed_out_dir, clear_out_dir, diverged,
-                              latest_checkpoint, load_optimizer_state, os_problem, plan_length,
-                              resume, save_run, write_args)
-from training.samples import accum_steps, load_samples, sample_stream
+from training.run_dir import (Diverged, Stopped, TrainingError, claimed_out_dir, clear_out_dir,
+                              diverged, latest_checkpoint, load_optimizer_state, os_problem,
+                              plan_length, planned_total, resume, save_run, stopped, truncate_log,
+                              write_args)
+from training.samples import accum_steps, load_samples, sample_stream, step_size_note
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TEACHER = os.path.join(HERE, "checkpoints", "synth-teacher")   # synthetic/teacher.py
@@ -431,7 +432,7 @@ def load_run(cfg, world, device, master):
         raise ConfigError("--attention flex needs CUDA (FlexAttention has no backward on the CPU); "
                           "use --attention sdpa")
     student, teacher, tok = load_models(cfg, device)
-    seqs, starts = load_samples(cfg, tok)
+    seqs, starts = load_samples(cfg, tok, warn if master else lambda line: None)
     if not cfg.pretrain and cfg.seq_len + cfg.k - 1 > student.cfg.max_seq_len:
         raise ConfigError(f"--seq-len {cfg.seq_len} + k {cfg.k} exceeds the model's context "
                           f"({student.cfg.max_seq_len})")
@@ -452,6 +453,8 @@ def load_run(cfg, world, device, master):
     opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if optim_state is not None:         # the loaded state goes with this function's return
         load_optimizer_state(raw, opt, optim_state, cfg)
+    if cfg.resume and master:           # all loaded: only now the log forgets the steps to redo
+        truncate_log(os.path.join(cfg.out, "log.jsonl"), step)
     return raw, student, teacher, tok, (seqs, starts), opt, rng, stream, step
 
 
@@ -483,17 +486,53 @@ def check_config(cfg):
     if cfg.attention not in ("sdpa", "flex"):
         raise ConfigError("--attention must be sdpa or flex")
     if n_regions(cfg) < 1 or cfg.seq_len // n_regions(cfg) < cfg.k:
-        raise ConfigError(f"--seq-len {cfg.seq_len} is too short for {n_regions(cfg)} regions of "
-                          f"up to k={cfg.k} tokens: use --seq-len >= {max(1, n_regions(cfg)) * 2 * cfg.k} "
-                          "or fewer --regions")
+        raise ConfigError(regions_misfit(cfg))
+
+
+def regions_misfit(cfg):
+    """Why --seq-len cannot hold its regions of up to k_max tokens, and each change that would
+    fit: other --regions (more, when the paper's count rounds to none), --seq-len or --k."""
+    N, M, k = cfg.seq_len, n_regions(cfg), cfg.k
+    fixes = []
+    if cfg.regions:                     # M given: at most N // k regions fit
+        what = f"--regions {M}"
+        if N // k:
+            fixes.append(f"--regions {N // k}" + " or fewer" * (N // k > 1))
+        fixes.append(f"--seq-len >= {M * k}")
+        most_k = N // M
+    else:                               # the paper's M = N // (2 k_max) is 0: N < 2 k_max
+        what = f"the paper's seq_len // (2 k_max) = {M} regions"
+        if N >= k:
+            fixes.append("--regions 1")
+        fixes.append(f"--seq-len >= {2 * k}")
+        most_k = N // 2
+    if most_k >= 2:
+        fixes.append(f"--k {most_k}" + " or less" * (most_k > 2))
+    return (f"--seq-len {N} is too short for {what} of up to k={k} tokens: give "
+            f"{', '.join(fixes[:-1])}{' or ' if len(fixes) > 1 else ''}{fixes[-1]}")
 
 
 # -----------------------------------------------------------------------------
 # The training loop
 
 
-def print_start(cfg, raw, device, world, n_samples, accum, warmup, cooldown):
-    """The run's first lines on stdout: what trains where, and a schedule fitted to a short run."""
+def schedule_change(cfg, step, saved_total):
+    """--resume with another --steps than the run's `saved_total`: the line that says how the lr
+    of the steps still to run changes (None: not at all, with no cool-down and a warm-up that
+    fits both lengths). The lr schedule is a function of the run's length (lr_at)."""
+    (w0, c0), (w1, c1) = (fit_schedule(cfg.warmup, cfg.cooldown, t) for t in (saved_total, cfg.steps))
+    if cfg.steps in (saved_total, step) or step > cfg.steps or (c1 == 0 and w0 == w1):
+        return None
+    what = [f"its cool-down now covers steps {cfg.steps - c1 + 1}-{cfg.steps} (was "
+            f"{saved_total - c0 + 1}-{saved_total})"] if c1 else []
+    what += [f"its warm-up is {w1} steps (was {w0})"] if w1 != w0 else []
+    return (f"--steps {saved_total} -> {cfg.steps} on --resume changes the lr of the steps still to "
+            f"run ({step + 1}-{cfg.steps}): {' and '.join(what)}")
+
+
+def print_start(cfg, raw, device, world, n_samples, accum, warmup, cooldown, step):
+    """The run's first lines on stdout: what trains where, and a schedule fitted to a short run;
+    a warning where the step size or (--resume) the lr schedule is not what the options say."""
     n_params = sum(p.numel() for p in raw.parameters())
     print(f"{'pretrain' if cfg.pretrain else 'distill'}: {n_params / 1e6:.2f}M params on {device}"
           f" x{world}{' (FSDP)' if cfg.fsdp else ''}, {n_samples} samples, {accum} x "
@@ -501,6 +540,10 @@ def print_start(cfg, raw, device, world, n_samples, accum, warmup, cooldown):
     if (warmup, cooldown) != (cfg.warmup, cfg.cooldown):
         print(f"--steps {cfg.steps} is shorter than --warmup {cfg.warmup} + --cooldown "
               f"{cfg.cooldown}: warm-up {warmup} and cool-down {cooldown} steps instead", flush=True)
+    for note in (step_size_note(cfg, world),
+                 schedule_change(cfg, step, planned_total(cfg.out)) if cfg.resume else None):
+        if note:
+            warn(note)
 
 
 def train(cfg):
@@ -516,31 +559,36 @@ def train(cfg):
         warmup, cooldown = fit_schedule(cfg.warmup, cfg.cooldown, cfg.steps)   # --minutes never needs one
         total = cfg.steps                         # --minutes plans it once, after log_every steps
         if master:
-            print_start(cfg, raw, device, world, len(samples[0]), accum, warmup, cooldown)
+            print_start(cfg, raw, device, world, len(samples[0]), accum, warmup, cooldown, step)
             write_args(cfg, total)
         acc, t_start, start_step = fresh_stats(cfg.k), time.perf_counter(), step
         with open(os.path.join(cfg.out, "log.jsonl"), "a") if master else contextlib.nullcontext() as log:
-            while step < total:
-                micro = step_batches(cfg, *samples, stream, rng, rank, world, mtp_id, eos_id, device,
-                                     accum)
-                lr = lr_at(step, cfg.lr, warmup, cooldown, total)
-                try:
-                    train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, eos_id, device, acc)
-                except Diverged as e:
-                    raise TrainingError(diverged(cfg, step + 1, e)) from None
-                step += 1
-                if cfg.minutes and step - start_step == cfg.log_every:
-                    total = plan_length(cfg, step, time.perf_counter() - t_start, world, device, log)
-                if step % cfg.log_every == 0 or step == total:
-                    rec = interval_record(cfg, acc, step, world, device)
-                    if master:
-                        eta = (time.perf_counter() - t_start) / (step - start_step) * (total - step)
-                        write_log(rec, total, eta, log)
-                    acc = fresh_stats(cfg.k)
-                if step % cfg.save_every == 0 or step == total:
-                    t_save = time.perf_counter()
-                    save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master)
-                    acc["t0"] += time.perf_counter() - t_save     # step times exclude checkpointing
+            try:
+                while step < total:
+                    micro = step_batches(cfg, *samples, stream, rng, rank, world, mtp_id, eos_id,
+                                         device, accum)
+                    lr = lr_at(step, cfg.lr, warmup, cooldown, total)
+                    try:
+                        train_step(student, teacher, opt, micro, lr, cfg, world, mtp_id, eos_id,
+                                   device, acc)
+                    except Diverged as e:
+                        raise TrainingError(diverged(cfg, step + 1, e)) from None
+                    step += 1
+                    if cfg.minutes and step - start_step == cfg.log_every:
+                        total = plan_length(cfg, step, time.perf_counter() - t_start, world, device,
+                                            log)
+                    if step % cfg.log_every == 0 or step == total:
+                        rec = interval_record(cfg, acc, step, world, device)
+                        if master:
+                            eta = (time.perf_counter() - t_start) / (step - start_step) * (total - step)
+                            write_log(rec, total, eta, log)
+                        acc = fresh_stats(cfg.k)
+                    if step % cfg.save_every == 0 or step == total:
+                        t_save = time.perf_counter()
+                        save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master)
+                        acc["t0"] += time.perf_counter() - t_save     # step times exclude saving
+            except KeyboardInterrupt:           # Ctrl-C: one line, the last checkpoint kept
+                raise Stopped(stopped(cfg, step, total)) from None
         if master:
             print(f"done: {step} steps in {time.perf_counter() - t_start:.0f} s; student in "
                   f"{os.path.join(cfg.out, 'ckpt')}", flush=True)
@@ -554,6 +602,12 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         train(cfg)
+    except KeyboardInterrupt:           # Ctrl-C before the loop (train() says where in it)
+        print(stopped(cfg), file=sys.stderr)
+        sys.exit(130)
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
     except (ConfigError, CheckpointError, TokenizerError, DataError, TrainingError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -177,6 +177,47 @@ def test_jsonl_rows_are_objects_of_strings_in_utf8(tmp_path, content, message):
         read_jsonl(str(tmp_path / "missing.jsonl"))
 
 
+@pytest.mark.parametrize("chat", [None, "chatml"])
+def test_answer_in_window_agrees_with_answer_start(chat):
+    """answer_in_window (bytes, no encoding) against answer_start (the prompt encoded again), at
+    every cut of every sample, plain and in a chat format."""
+    import tiktoken
+    from data import answer_in_window, answer_start, sample_ids
+    tok = synthetic_tokenizer()
+    if chat:
+        enc, n = tok.enc, tok.enc.n_vocab
+        tok = Tokenizer(tiktoken.Encoding("chat", pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
+                                          special_tokens={"<|im_start|>": n, "<|im_end|>": n + 1}),
+                        "<|im_end|>", chat=chat)
+    for row in synthetic_problems(50, seed=5) + [{"question": "café?", "answer": "naïve #### 1"}]:
+        ids = sample_ids(tok, row)
+        start = answer_start(tok, row, ids)
+        assert [answer_in_window(tok, row, ids, n) for n in range(1, len(ids) + 1)] == \
+            [start < n for n in range(1, len(ids) + 1)]
+
+
+def test_jsonl_with_a_utf8_bom_reads_and_other_encodings_and_shapes_are_named(tmp_path):
+    row = {"question": "q", "answer": "#### 1"}
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(row) + "\n").encode() * 2)
+    assert read_jsonl(str(path)) == [row, row]
+    for content, message in [
+            ((json.dumps(row) + "\n").encode("utf-16"), "rows.jsonl:1 is not UTF-8 text (it starts "
+                                                        "with a UTF-16 byte-order mark)"),
+            (json.dumps([row], indent=1).encode(), "rows.jsonl:1 is not valid JSON (Expecting "
+                                                   "value at column 2); a .jsonl holds one JSON "
+                                                   "object per line"),
+            (b'{"question": "q" "answer": "a"}\n', "not valid JSON (Expecting ',' delimiter at "
+                                                   "column 18)"),
+            (b'{"prompt": "q", "completion": "a"}\n', "needs the fields 'question' and 'answer' "
+                                                      "(it has 'prompt', 'completion')"),
+            (b'["q", "a"]\n', "(it is an array, not an object)")]:
+        path.write_bytes(content)
+        with pytest.raises(DataError) as e:
+            read_jsonl(str(path))
+        assert message in str(e.value), str(e.value)
+
+
 def test_answers_signed_and_comma_grouped():
     """What the bench reads: a sign, thousands commas and a dollar sign, in every reader."""
     for written, number in (("-5", "-5"), ("1,234", "1234"), ("$1,234.50", "1234.50"),

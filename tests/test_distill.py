@@ -1,6 +1,7 @@
 """distill.py: the losses against naive loops, exact resume, DDP, and bad-input messages."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -455,3 +456,103 @@ def test_resuming_a_checkpoint_from_before_the_recipes_compares_what_it_did(tiny
     assert_exits(main, run_args(tiny_init, out, "--steps", "4", "--resume"),
                  "--batching 'random' -> 'sorted'", capsys)
     train(parse_args(run_args(tiny_init, out, "--steps", "4", "--resume", "--recipe", "paper")))
+
+
+# -----------------------------------------------------------------------------
+# Inputs that train less, or otherwise, than they seem: one warning line, or one error
+
+
+def test_step_tokens_that_are_not_whole_micro_batches_are_said(tiny_init, tmp_path, capsys):
+    """A step trains accum_steps whole micro-batches: --micro-batch 64 at the default
+    --step-tokens trains 4 times the tokens it gives, --step-tokens 10 a whole micro-batch. The
+    warning says what a step really trains (and a --micro-batch that divides it, if one does)."""
+    cases = {("--micro-batch", "64"): "each step trains 1 x 64 sequences, 10240 tokens; "
+                                      "--micro-batch 16 makes it 2560",
+             ("--step-tokens", "10"): "each step trains 1 x 8 sequences, 1280 tokens",
+             ("--step-tokens", "4000"): "each step trains 3 x 8 sequences, 3840 tokens; "
+                                        "--micro-batch 5 makes it 4000"}
+    for flags, said in cases.items():
+        cfg = parse_args(list(flags))
+        note = samples.step_size_note(cfg, 1)
+        accum = samples.accum_steps(cfg, 1)
+        assert said in note and f"{accum * cfg.micro_batch * cfg.seq_len} tokens" in note, note
+    assert samples.step_size_note(parse_args([]), 1) is None        # 2 x 8 x 160 = 2560
+    assert samples.step_size_note(parse_args(["--recipe", "paper"]), 1) is None
+    assert samples.step_size_note(parse_args(["--micro-batch", "4"]), 2) is None
+    train(parse_args(run_args(tiny_init, tmp_path / "run", "--steps", "1", "--step-tokens", "300")))
+    warnings = [w for w in capsys.readouterr().err.splitlines() if "--step-tokens" in w]
+    assert warnings == ["warning: --step-tokens 300 is not a whole number of micro-batches of 4 x "
+                        "64 tokens: each step trains 1 x 4 sequences, 256 tokens"]
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    return str(path)
+
+
+def test_samples_longer_than_seq_len_are_counted_and_none_answered_is_refused(tiny_init, tmp_path,
+                                                                               capsys):
+    """The count of cut samples and of those cut before their answer begins, against the lengths
+    of sample_ids and of the prompt alone; a --seq-len that cuts off every answer is refused."""
+    from compat.tokenizers import load_tokenizer
+    from data import plain_prompt, sample_ids
+    tok = load_tokenizer(tiny_init)
+    rows = [("What is 2 + 3?", "#### 5")] * 6 + [("What is 2 + 3?", "2 + 3 = 5. " * 12 + "#### 5")] * 3 \
+        + [("Is it " + "2 + 3, " * 15 + "or 5?", "#### 5")]
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+    lengths = [len(sample_ids(tok, {"question": q, "answer": a})) for q, a in rows]
+    prompts = [len(tok.encode(plain_prompt(q))) for q, _ in rows]
+    seen = set()
+    for seq_len in (20, 40, 108, 200):
+        cfg = parse_args(["--data", data, "--seq-len", str(seq_len)])
+        said = []
+        seqs, _ = samples.load_samples(cfg, tok, said.append)
+        cut = sum(n > seq_len for n in lengths)
+        lost = sum(n > seq_len and p >= seq_len for n, p in zip(lengths, prompts))
+        seen.add((cut == len(rows), 0 < cut < len(rows), lost > 0))
+        assert len(seqs) == len(rows) and len(said) == (cut > 0), said
+        if cut:
+            assert said[0].startswith(f"{cut} of the 10 samples are longer than --seq-len "
+                                      f"{seq_len} and are cut to it"), said
+            assert (f", {lost} of them before their answer begins" in said[0]) == (lost > 0)
+            assert f"(the longest is {max(lengths)} tokens)" in said[0]
+    assert len(seen) == 4                   # all cut, some, some with answers lost, none cut
+    assert min(prompts) == 17
+    assert_exits(main, run_args(tiny_init, tmp_path / "r", "--data", data, "--seq-len", "16"),
+                 "--seq-len 16 cuts every sample before its answer begins: no answer token would "
+                 "be trained", capsys)
+
+
+def test_rows_with_empty_answers_are_left_out_and_all_empty_is_refused(tiny_init, tmp_path, capsys):
+    from compat.tokenizers import load_tokenizer
+    tok = load_tokenizer(tiny_init)
+    data = write_rows(tmp_path / "some.jsonl", [("1 + 1?", "#### 2"), ("", ""), ("2 + 2?", " "),
+                                                 ("3 + 3?", "#### 6")])
+    said = []
+    seqs, _ = samples.load_samples(parse_args(["--data", data]), tok, said.append)
+    assert len(seqs) == 2 and said == [f"2 of the 4 rows of {data} have an empty answer: they are "
+                                       "left out"]
+    data = write_rows(tmp_path / "empty.jsonl", [("", "")] * 40)
+    assert_exits(main, run_args(tiny_init, tmp_path / "r", "--data", data),
+                 "every one of its 40 rows has an empty answer", capsys)
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--k", "1000"], "--seq-len >= 2000 or --k 80 or less"),
+    (["--seq-len", "7"], "--regions 1, --seq-len >= 8 or --k 3 or less"),
+    (["--seq-len", "12", "--regions", "4"], "--regions 3 or fewer, --seq-len >= 16 or --k 3 or less"),
+    (["--seq-len", "5", "--regions", "2", "--k", "3"], "--regions 1, --seq-len >= 6 or --k 2"),
+    (["--seq-len", "3", "--k", "4"], "--seq-len >= 8"),
+])
+def test_a_seq_len_too_short_for_its_regions_names_each_fix_that_fits(flags, said):
+    """Every change the message proposes passes the check (applied alone)."""
+    cfg = parse_args(flags)
+    with pytest.raises(distill.ConfigError) as e:
+        distill.check_config(cfg)
+    assert str(e.value).endswith(said), str(e.value)
+    fixes = re.findall(r"(--[a-z-]+) (?:>= )?(\d+)( or fewer| or less)?", said)
+    assert len(fixes) == said.count("--")
+    for flag, value, or_less in fixes:
+        distill.check_config(parse_args(flags + [flag, value]))
+        if or_less:                                             # the other end of the range
+            distill.check_config(parse_args(flags + [flag, "1" if flag == "--regions" else "2"]))

@@ -1,15 +1,21 @@
 """
 What distill.py's log says: each log interval's sums (train_step adds to them), the interval's
-record from every rank's sums, and its line on stdout and in OUT/log.jsonl.
+record from every rank's sums, and its line on stdout and in OUT/log.jsonl; a warning's line.
 
     step 40/800 | loss 1.2345 | lr 3.00e-04 | 512 ms/step | 2100 sup tok/s | ETA 6:49
         conf@j 0.91 0.80 0.72 | agree@j 0.88 0.71 0.60
 """
 import json
+import sys
 import time
 
 import torch
 import torch.distributed as dist
+
+
+def warn(line):
+    """A warning: the input was usable but surprising, in one line on stderr."""
+    print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def fresh_stats(k):

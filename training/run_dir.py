@@ -2,15 +2,20 @@
 The run directory (--out) of distill.py, kept safe: one run at a time in it (RunLock), nothing
 of a run replaced unasked (--overwrite, check_out_dir), --resume continuing a run exactly or
 refusing (check_resume, resume), checkpoints swapped in whole (save_checkpoint), a diverged run
-stopped with its last good checkpoint named (Diverged), and --minutes' plan of a run's length
-(plan_steps), written to args.json with every setting. It imports nothing of distill.py: what it
-needs of TrainConfig (its defaults) comes in as an argument.
+stopped with its last good checkpoint named (Diverged), Ctrl-C's one line (Stopped), and
+--minutes' plan of a run's length (plan_steps), written to args.json with every setting. It
+imports nothing of distill.py: what it needs of TrainConfig (its defaults) comes in as an
+argument.
 
     OUT/lock        "pid host" of the process whose run uses OUT, while it runs
     OUT/ckpt/       the student (HF layout), its tokenizer, train_state.pt (optimizer, step,
                     data position, RNG states, the run's settings)
     OUT/log.jsonl   one record per log interval, per checkpoint, and --minutes' plan
     OUT/args.json   the run's settings and the step count it runs to
+    OUT/bench_*     bench.py's results for OUT/ckpt (by default), cleared with the run
+
+A damaged file of a run (a cut train_state.pt, a log line cut by a kill) is named with what to
+do, never a traceback: a log's repairable damage is dropped with a warning (truncate_log).
 """
 import contextlib
 import errno
@@ -25,21 +30,45 @@ import torch.distributed as dist
 
 from compat.hf import from_pretrained, save_pretrained
 from compat.tokenizers import check_vocab
+from model import CheckpointError
+from training.log import warn
 from training.options import ConfigError, option
 
 RUN_FILES = ("ckpt", "ckpt.old", "ckpt.tmp", "log.jsonl", "args.json")    # what a run writes
+BENCH_FILES = (".md", ".json", ".png")     # bench.py's OUT/bench_<data>.* beside the checkpoint
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on: the message says why, and what of the run is kept."""
 
 
+class Stopped(TrainingError):
+    """Ctrl-C: the run stopped where it was; the message says what of it is kept."""
+
+
+DISK_FULL = ("the disk is full (no space left on device): free some space, then continue with "
+             "--resume")
+
+
 def os_problem(e):
     """An OSError in words, a full disk by name."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ("the disk is full (no space left on device): free some space, then continue with "
-                "--resume")
+        return DISK_FULL
     return f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
+
+
+def write_problem(e, folder):
+    """A failed write in words. torch.save and safetensors report a full disk as their own
+    RuntimeError and SafetensorError, with no errno: a disk left with (almost) no free space
+    after one is a full disk too."""
+    if isinstance(e, OSError):
+        return os_problem(e)
+    text = str(e)
+    with contextlib.suppress(OSError):
+        if "No space left" in text or "StorageFull" in text or \
+                shutil.disk_usage(folder).free < 1 << 20:
+            return DISK_FULL
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 # -----------------------------------------------------------------------------
@@ -62,19 +91,38 @@ class RunLock:
             os.makedirs(self.out, exist_ok=True)
             for _ in range(2):                  # a second try after removing a stale lock
                 try:
-                    with open(self.path, "x") as f:
-                        return f.write(self.me + "\n")
+                    return self.write()
                 except FileExistsError:
                     self.remove_stale()
         except OSError as e:
-            raise ConfigError(f"--out {self.out} cannot be written: {os_problem(e)}") from None
+            problem = os_problem(e).replace("continue with --resume", "run this again")
+            raise ConfigError(f"--out {self.out} cannot be written: {problem}") from None
         raise ConfigError(f"{self.path} is taken by another run: try again, or pick another --out")
 
+    def write(self):
+        """Create the lock with "pid host" in it; a lock left empty by a failed write (a full
+        disk) would read as another run's, so it is removed again."""
+        with open(self.path, "x") as f:
+            try:
+                f.write(self.me + "\n")
+                f.flush()
+            except OSError:
+                os.remove(self.path)
+                raise
+
     def remove_stale(self):
-        with open(self.path) as f:
-            pid, host = (f.read().split() + ["0", ""])[:2]
+        with open(self.path, "rb") as f:
+            text = f.read(200).decode("utf-8", "replace")
+        words = text.split()
+        if len(words) != 2 or not words[0].isdigit():   # empty, or not written by RunLock
+            held = " ".join(words)
+            held = repr(held[:40]) if held.isprintable() and "\ufffd" not in held else \
+                "bytes that are no text"
+            raise ConfigError(f"{self.path} names no run (it holds {held}, not 'pid host'): if no "
+                              f"run uses {self.out}, delete it and try again")
+        pid, host = words
         alive = host != socket.gethostname()    # another machine's process: cannot tell, so alive
-        if not alive and pid.isdigit() and int(pid) > 0:
+        if not alive and int(pid) > 0:
             try:
                 os.kill(int(pid), 0)
                 alive = True
@@ -112,31 +160,50 @@ def lies_inside(path, folder):
     return os.path.commonpath([path, folder]) == folder
 
 
+def run_files(out):
+    """The names in `out` of what a run writes (RUN_FILES), and of bench.py's results beside it."""
+    names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    return [n for n in RUN_FILES if n in names] + \
+        [n for n in names if n.startswith("bench_") and n.endswith(BENCH_FILES)]
+
+
 def check_out_dir(cfg, defaults):
     """Before anything is loaded: a new run refuses an --out that holds anything of a run, unless
     --overwrite (clear_out_dir then replaces it, once everything has loaded), which in turn
-    refuses an --init inside --out; --resume checks its settings against the checkpoint's."""
+    refuses an --init inside --out; --resume checks its settings against the checkpoint's.
+    The refusal leads on: --resume where there is a checkpoint to resume, else --overwrite."""
     if cfg.resume:
         return check_resume(cfg, defaults)
-    held = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out, name))]
+    held = run_files(cfg.out)
     if held and not cfg.overwrite:
         ck = latest_checkpoint(cfg.out, required=False)
-        step = f"; checkpoint at step {saved_state(ck)['step']}" if ck else ""
-        raise ConfigError(f"{cfg.out} already holds a run ({', '.join(held)}{step}): continue it "
-                          "with --resume, start over with --overwrite, or pick another --out")
+        step = checkpoint_step(ck) if ck else None
+        if step is not None:
+            say = f"checkpoint at step {step}): continue it with --resume, start over with"
+        elif ck:
+            say = f"its {os.path.relpath(ck, cfg.out)}/train_state.pt is damaged, so it cannot " \
+                  "be resumed): start over with"
+        else:
+            say = "no checkpoint was saved, so it cannot be resumed): start over with"
+        raise ConfigError(f"{cfg.out} already holds a run ({', '.join(held)}; {say} --overwrite, "
+                          "or pick another --out")
     if cfg.overwrite and cfg.init and os.path.exists(cfg.init) and lies_inside(cfg.init, cfg.out):
         raise ConfigError(f"--init {cfg.init} lies inside --out {cfg.out}, which --overwrite "
                           "clears: copy the init elsewhere first, or pick another --out")
 
 
 def clear_out_dir(cfg):
-    """--overwrite: remove the earlier run's files (only once the new run has loaded)."""
-    for name in RUN_FILES:
+    """--overwrite: remove the earlier run's files and bench.py's results for its checkpoint
+    (only once the new run has loaded), and say so."""
+    held = run_files(cfg.out)
+    for name in held:
         path = os.path.join(cfg.out, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
-        elif os.path.exists(path):
+        else:
             os.remove(path)
+    if held:
+        print(f"--overwrite: removed {', '.join(held)} of the earlier run in {cfg.out}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -191,44 +258,99 @@ def resume(cfg, rng, stream, device, master, tok):
     weights, its step, its optimizer state); the data position and both RNG states are restored
     in place. train_state.pt is read into memory: the next save deletes it, and a memory-mapped
     copy would keep it on disk for the whole run. Under FSDP every rank maps it (the page cache
-    holds one copy for all) and keeps copies of its own shard only (load_optimizer_state)."""
+    holds one copy for all) and keeps copies of its own shard only (load_optimizer_state).
+    The log is cut back to the checkpoint later, once everything has loaded (truncate_log)."""
     ck = latest_checkpoint(cfg.out)
     state = saved_state(ck, mmap=cfg.fsdp)
     stream.pos = state["data_pos"]
     rng.setstate(state["rng"])
     torch.set_rng_state(state["torch_rng"])
-    student = from_pretrained(ck, device=torch.device("cpu") if cfg.fsdp else device)
+    try:
+        student = from_pretrained(ck, device=torch.device("cpu") if cfg.fsdp else device)
+    except CheckpointError as e:
+        raise TrainingError(f"{e}; so the run in {cfg.out} cannot be resumed: start it over with "
+                            "--overwrite") from None
     check_vocab(tok, student.cfg, ck)
     if master:
         print(f"resumed {ck} at step {state['step']}", flush=True)
-        truncate_log(os.path.join(cfg.out, "log.jsonl"), state["step"])
     return student, state["step"], state["optimizer"]
 
 
 def load_optimizer_state(raw, opt, optim_state, cfg):
-    if cfg.fsdp:                        # each rank takes its shard of the full state
-        from parallel.distributed import load_sharded_optimizer_state
-        load_sharded_optimizer_state(raw, opt, optim_state)
-    else:
-        opt.load_state_dict(optim_state)
+    """A resumed run's AdamW state, which must fit the weights saved beside it."""
+    try:
+        if cfg.fsdp:                    # each rank takes its shard of the full state
+            from parallel.distributed import load_sharded_optimizer_state
+            load_sharded_optimizer_state(raw, opt, optim_state)
+        else:
+            opt.load_state_dict(optim_state)     # it checks the counts of tensors, not shapes
+            for p in raw.parameters():
+                for t in opt.state[p].values():
+                    if torch.is_tensor(t) and t.dim() and t.shape != p.shape:
+                        raise ValueError(f"state of shape {tuple(t.shape)} for a parameter of "
+                                         f"shape {tuple(p.shape)}")
+    except (ValueError, KeyError, RuntimeError) as e:
+        ck = latest_checkpoint(cfg.out)
+        raise TrainingError(f"{ck}/train_state.pt does not fit the weights beside it ({e}): they "
+                            "are not of one run, so it cannot be resumed; "
+                            + WEIGHTS_ONLY.format(ck=ck)) from None
 
 
 def truncate_log(path, step):
-    """On resume, forget the records of steps after the checkpoint: they are about to be redone."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            keep = [line for line in f if json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
+    """On resume, forget the records of steps after the checkpoint: they are about to be redone.
+    What a kill or a full disk leaves (a last line cut short) and what has no place in the log
+    (blank lines, records without a step) is dropped too, in one warning line; a line that is
+    not JSON before the last one is damage of another kind, named with its line."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    if lines[-1] == b"":                    # the newline that ends the file
+        lines.pop()
+    last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
+    keep, blank, stepless, cut = [], 0, [], False
+    for n, line in enumerate(lines):
+        if not line.strip():
+            blank += 1
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:                  # not JSON (nor UTF-8)
+            if n == last:
+                cut = True
+                continue
+            raise TrainingError(f"{path}:{n + 1} is not a JSON record, so --resume cannot tell "
+                                "which steps it logged: delete or correct that line, then "
+                                "--resume again") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+            stepless.append(n + 1)
+        elif rec["step"] <= step:
+            keep.append(line.decode() + "\n")
+    dropped = [f"{blank} blank line{'s' * (blank > 1)}"] * (blank > 0)
+    if stepless:
+        dropped.append(f"{len(stepless)} record{'s' * (len(stepless) > 1)} without a step "
+                       f"(line {', '.join(map(str, stepless[:5]))}{' ...' * (len(stepless) > 5)})")
+    if cut:
+        dropped.append(f"its last line, cut short (line {last + 1})")
+    if dropped:
+        warn(f"{path}: dropped {' and '.join(dropped)}; the {len(keep)} records up to step "
+             f"{step} are kept")
+    try:                                # a new file swapped in whole: a full disk keeps the old
+        with open(path + ".tmp", "w") as f:
             f.writelines(keep)
+        os.replace(path + ".tmp", path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + ".tmp")
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints, swapped in whole
+# Checkpoints, swapped in whole, and read back with damage named
 
 
 def save_checkpoint(out, student, tok, state):
     """Write ckpt.tmp/ in full, then swap it in for ckpt/: a kill never leaves a half checkpoint,
-    nor does a failed write (a full disk), whose ckpt.tmp/ is removed again.
+    nor does a failed write (a full disk), whose ckpt.tmp/ is removed again (Ctrl-C's too).
     state: train_state.pt's contents (the optimizer's state, step, data position, RNG states)."""
     tmp, final, old = (os.path.join(out, n) for n in ("ckpt.tmp", "ckpt", "ckpt.old"))
     shutil.rmtree(tmp, ignore_errors=True)
@@ -236,10 +358,14 @@ def save_checkpoint(out, student, tok, state):
         save_pretrained(student, tmp)
         tok.save(tmp)
         torch.save(state, os.path.join(tmp, "train_state.pt"))
-    except OSError as e:
+    except BaseException as e:          # torch.save and safetensors raise their own types
+        # in words while ckpt.tmp still fills the disk (write_problem); None: Ctrl-C
+        problem = write_problem(e, out) if isinstance(e, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if problem is None:             # Ctrl-C
+            raise
         raise TrainingError(f"saving the checkpoint of step {state['step']} failed, the last one "
-                            f"saved is untouched: {os_problem(e)}") from None
+                            f"saved is untouched: {problem}") from None
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -248,18 +374,63 @@ def save_checkpoint(out, student, tok, state):
 
 
 def latest_checkpoint(out, required=True):
-    for name in ("ckpt", "ckpt.old"):       # ckpt.old: killed between the two renames above
+    """The checkpoint to resume: ckpt/, or ckpt.old/ (killed between the two renames above)."""
+    for name in ("ckpt", "ckpt.old"):
         if os.path.isfile(os.path.join(out, name, "train_state.pt")):
             return os.path.join(out, name)
-    if required:
-        raise ConfigError(f"--resume: no checkpoint in {out}/ckpt; start a new run without --resume")
+    if not required:
+        return None
+    held = run_files(out)
+    if not held:
+        raise ConfigError(f"--resume: no checkpoint in {out}, nor anything else of a run; start "
+                          "a new run without --resume")
+    if os.path.isfile(os.path.join(out, "ckpt", "config.json")):
+        ck = os.path.join(out, "ckpt")
+        raise ConfigError(f"--resume: {ck} has no train_state.pt, so it cannot be resumed; "
+                          + WEIGHTS_ONLY.format(ck=ck))
+    raise ConfigError(f"--resume: the run in {out} saved no checkpoint (it holds "
+                      f"{', '.join(held)}), so it cannot be resumed: start it over with --overwrite")
+
+
+# What a run whose train_state.pt is lost can still do (ck: its checkpoint)
+WEIGHTS_ONLY = ("start it over with --overwrite, or train its weights on in a new run: "
+                "--init {ck} --reuse-mtp --out ANOTHER_DIR")
+STATE_KEYS = ("optimizer", "step", "data_pos", "rng", "torch_rng", "args")
 
 
 def saved_state(ck, mmap=True):
     """A checkpoint's train_state.pt; memory-mapped by default: reading its step or args reads
-    little."""
-    return torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False,
-                      mmap=mmap)
+    little. One that cannot be read (cut short, empty, overwritten) raises TrainingError, which
+    names it and what can be done."""
+    path = os.path.join(ck, "train_state.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except OSError as e:
+        raise TrainingError(f"cannot read {path}: {os_problem(e)}") from None
+    except Exception as e:              # torch.load and pickle: many types, all "damaged"
+        size = os.path.getsize(path)
+        state = "empty" if size == 0 else \
+            f"{size} bytes that torch.load cannot read: {type(e).__name__}"
+    if not isinstance(state, dict) or not all(key in state for key in STATE_KEYS) or \
+            not isinstance(state["args"], dict) or "steps" not in state["args"]:
+        why = state if isinstance(state, str) else "not a training state of distill.py"
+        raise TrainingError(f"{path} is damaged ({why}), so the run in {os.path.dirname(ck)} "
+                            f"cannot be resumed; " + WEIGHTS_ONLY.format(ck=ck))
+    return state
+
+
+def planned_total(out):
+    """The step count that the run in `out` ran to when it saved its last checkpoint."""
+    args = saved_state(latest_checkpoint(out))["args"]
+    return args.get("planned_steps", args["steps"])
+
+
+def checkpoint_step(ck):
+    """The step of checkpoint `ck`, or None when its train_state.pt is damaged."""
+    try:
+        return saved_state(ck)["step"]
+    except TrainingError:
+        return None
 
 
 def save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master):
@@ -297,13 +468,32 @@ class Diverged(ArithmeticError):
         super().__init__(f"the loss is {loss:g} and the gradient norm {norm:g}")
 
 
+def kept(out):
+    """What of the run in `out` a stopped run keeps, in words, and the step it can be resumed
+    from (None: none)."""
+    ck = latest_checkpoint(out, required=False)
+    step = checkpoint_step(ck) if ck else None
+    if step is not None:
+        return f"{ck} keeps step {step}", step
+    return (f"{ck}/train_state.pt is damaged" if ck else "no checkpoint was saved yet"), None
+
+
 def diverged(cfg, step, e):
     """The one line that stops a diverged run: the step, the likely cause, what is kept."""
-    ck = latest_checkpoint(cfg.out, required=False)
-    kept = f"{ck} keeps step {saved_state(ck)['step']}" if ck else "no checkpoint was saved yet"
     return (f"step {step} diverged: {e}. Most likely the learning rate is too high for this model "
-            f"(--lr {cfg.lr:g}{', no --grad-clip' if not cfg.grad_clip else ''}); {kept}. "
-            "Start over with a lower --lr (--overwrite)")
+            f"(--lr {cfg.lr:g}{', no --grad-clip' if not cfg.grad_clip else ''}); "
+            f"{kept(cfg.out)[0]}. Start over with a lower --lr (--overwrite)")
+
+
+def stopped(cfg, step=None, total=None):
+    """The one line of a run stopped by Ctrl-C (exit code 130): where, what is kept, what next.
+    step: the steps it had done (None: it stopped before its loop began)."""
+    where = f"after {step} of {total} steps" if step is not None else "before its first step"
+    if step is None and not run_files(cfg.out):
+        return f"stopped (Ctrl-C) {where}: nothing was written in {cfg.out}"
+    what, resumable = kept(cfg.out)
+    then = "start it over with --overwrite" if resumable is None else "continue it with --resume"
+    return f"stopped (Ctrl-C) {where}; {what}: {then}"
 
 
 # -----------------------------------------------------------------------------
