@@ -105,7 +105,8 @@ def test_summary_writes_markdown(tmp_path, capsys):
     (["--ckpt", "checkpoints/synth-teacher"], "give GSM8K"),
     (["--ckpt", "checkpoints/synth-teacher", "--gsm8k", "tests"], "no train.jsonl"),
     (["--gguf", "nowhere.gguf", "--gsm8k", "tests"], "no such file"),
-    (["--bogus"], "unknown argument --bogus")])
+    (["--bogus"], "unknown argument --bogus"),
+    (["--tiny", "--answers", "mine"], "--answers must be reference or own")])
 def test_gpu_run_checks_its_arguments(tmp_path, args, message):
     r = subprocess.run(["bash", SCRIPT, *args, "--out", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
@@ -131,3 +132,18 @@ def test_gpu_run_tiny_runs_every_step(tmp_path):
     assert figures("1. ", "tokens per pass", "verified") == figures("2. ", speedup) == \
         figures("3. ", speedup) == 3
     assert figures("6. bench.py, batch 1,", speedup) == figures("6. bench.py, batch 16,", speedup) == 3
+
+
+@pytest.mark.skipif(not os.environ.get("MTP_SLOW_TESTS"),
+                    reason="1-2 minutes on the CPU: set MTP_SLOW_TESTS=1 to run it")
+def test_gpu_run_tiny_on_the_teachers_own_answers(tmp_path):
+    """--answers own writes the teacher's answers first and distills on them."""
+    r = subprocess.run(["bash", SCRIPT, "--tiny", "--answers", "own", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    ended = dict(line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines())
+    assert ended["own_answers"].startswith("done") and ended["distill"].startswith("done")
+    assert len((tmp_path / "own_answers.jsonl").read_text().splitlines()) == 64
+    assert "own_answers.jsonl" in (tmp_path / "distill.log").read_text() or \
+        "64 samples" in (tmp_path / "distill.log").read_text()

@@ -7,6 +7,8 @@
 #   bash tools/gpu_run.sh --tiny      # every step on the CPU at toy sizes, to check the script
 #                                     # (~2 minutes): the embedded teacher, synthetic problems
 #   bash tools/gpu_run.sh --tiny --gguf FILE --gsm8k DIR   # the same with SmolLM2 (~13 minutes)
+#   bash tools/gpu_run.sh ... --answers own    # distill on the teacher's own answers to GSM8K
+#                                              # train (tools/own_answers.py), written first
 #
 # --gsm8k DIR holds GSM8K's train.jsonl and test.jsonl. Needs one CUDA GPU and requirements.txt;
 # `pip install gguf` to convert --gguf; transformers for step 4's comparison rows (without it they
@@ -29,8 +31,9 @@
 # figure with its step, command and unit.
 set -u -o pipefail
 
-usage="usage: bash tools/gpu_run.sh (--gguf FILE | --ckpt DIR) --gsm8k DIR [--out DIR] [--tiny]"
-GGUF="" CKPT="" GSM8K="" OUT=runs/gpu TINY=0
+usage="usage: bash tools/gpu_run.sh (--gguf FILE | --ckpt DIR) --gsm8k DIR [--out DIR] [--tiny]
+       [--answers reference|own]"
+GGUF="" CKPT="" GSM8K="" OUT=runs/gpu TINY=0 ANSWERS=reference
 while [ $# -gt 0 ]; do
   case $1 in
     --gguf) GGUF=${2:?$usage}; shift 2 ;;
@@ -38,10 +41,12 @@ while [ $# -gt 0 ]; do
     --gsm8k) GSM8K=${2:?$usage}; shift 2 ;;
     --out) OUT=${2:?$usage}; shift 2 ;;
     --tiny) TINY=1; shift ;;
+    --answers) ANSWERS=${2:?$usage}; shift 2 ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;    # the lines above
     *) echo "unknown argument $1"; echo "$usage"; exit 2 ;;
   esac
 done
+case $ANSWERS in reference|own) ;; *) echo "--answers must be reference or own"; exit 2 ;; esac
 abspath() { case $1 in /*|"") echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 GGUF=$(abspath "$GGUF") CKPT=$(abspath "$CKPT") GSM8K=$(abspath "$GSM8K") OUT=$(abspath "$OUT")
 cd "$(dirname "$0")/.."                       # the repository root: the tools run as modules
@@ -59,12 +64,14 @@ if [ $TINY = 1 ]; then
   MINUTES=0.1; DISTILL="--recipe paper --steps 40 --seq-len 64 --micro-batch 4 --step-tokens 256 --warmup 1
     --cooldown 1 --log-every 2"
   N_BENCH=8; NEW_BENCH=16; N_B1=2; N_B16=16; NEW_SPEED=12; NEW_DECODE=16; REPEATS=1
+  N_OWN=64; OWN_BATCH=32
   TRAIN_SIZES="--seq-len 64 --batch 4 --k 4"; TRAIN_STEPS=2
 else
   DEV=cuda; GRAPHS=graphs; DTYPE=bf16; SLOWER=1
   MINUTES=4; DISTILL="--recipe paper --steps 100000 --seq-len 256 --micro-batch 32 --step-tokens 8192 --lr 5e-5
     --warmup 100 --cooldown 500 --log-every 100"
   N_BENCH=500; NEW_BENCH=256; N_B1=16; N_B16=64; NEW_SPEED=128; NEW_DECODE=128; REPEATS=3
+  N_OWN=7473; OWN_BATCH=512                    # every GSM8K train question, 512 per pass
   TRAIN_SIZES="--seq-len 160 --batch 64 --k 16"; TRAIN_STEPS=10
 fi
 
@@ -155,7 +162,7 @@ for name in ("transformers", "gguf"):
         versions.append(f"{name} not installed")
 print(" | ".join(versions), "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
 EOF
-echo "teacher $TEACHER | data $GSM8K | out $OUT"
+echo "teacher $TEACHER | data $GSM8K | answers trained on: $ANSWERS | out $OUT"
 
 # -----------------------------------------------------------------------------
 # 1. The real run: convert, distill for $MINUTES minutes, bench GSM8K test in one batch
@@ -163,6 +170,14 @@ echo "teacher $TEACHER | data $GSM8K | out $OUT"
 step "1. convert, distill for $MINUTES minutes, bench $N_BENCH test problems in one batch"
 if [ -n "$GGUF" ]; then
   run 120 convert $PY -m tools.convert_gguf "$GGUF" "$TEACHER" && tail -n 3 "$OUT/convert.log"
+fi
+# --answers own: the teacher's own answers to the training questions, written once into OUT
+# (a later run with the same settings finds them there and goes straight on)
+if [ $ANSWERS = own ] && [ -f "$TEACHER/config.json" ]; then
+  run 300 own_answers $PY -m tools.own_answers --ckpt "$TEACHER" --data "$TRAIN_DATA" \
+    --limit $N_OWN --out "$OUT/own_answers.jsonl" --batch $OWN_BATCH --max-new $NEW_BENCH \
+    --device $DEV && tail -n 2 "$OUT/own_answers.log"
+  TRAIN_DATA=$OUT/own_answers.jsonl
 fi
 if [ -f "$TEACHER/config.json" ]; then
   run $(awk "BEGIN { print int($MINUTES * 60 + 120) }") distill $PY distill.py --init "$TEACHER" \
