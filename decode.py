@@ -224,6 +224,17 @@ def readout(logits, temperature, top_k, top_p, u):
     return probs.amax(-1), draw(probs, u), probs
 
 
+def sampled_guess(drafts, q, p, u):
+    """One row's verify_sampled: the model's own tokens at its provisional tokens `drafts`, which
+    commit_row checks them against: the drafts the ratio test confirms, then the residual's
+    draw. q (m, V): the distributions the drafts were drawn from; p (>= m, V): the pass's, its
+    first m rows read at them; u: the pass's uniforms (pass_uniforms), the residual's last."""
+    m = len(drafts)
+    r, fix = verify_sampled(torch.tensor(drafts, device=p.device), q, p[:m], u[:m], u[-1],
+                            torch.tensor(m, device=p.device))
+    return drafts[:int(r)] + [int(fix)]
+
+
 def row_seed(seed, *index):
     """The seed of one row's generator: a hash of (seed, index...), so that rows, problems and
     samples never share a stream, and any row can be run alone: row b of
@@ -355,11 +366,7 @@ def generate(model, prompt_ids, rule, max_new_tokens=256, stop_ids=(), verify=Fa
         conf, cand, probs = readout(logits, temperature, top_k, top_p, u if u is None else u[:-1])
         guess = cand[:pending].tolist()           # greedy: the model's own token at each one
         if probs is not None and pending:         # sampling: the ratio test, then the residual
-            drafts = new[-pending:]
-            r, fix = verify_sampled(torch.tensor(drafts, device=model.device),
-                                    q_src[q_from:q_from + pending], probs[:pending], u[:pending],
-                                    u[-1], torch.tensor(pending, device=model.device))
-            guess = drafts[:int(r)] + [int(fix)]
+            guess = sampled_guess(new[-pending:], q_src[q_from:q_from + pending], probs, u)
         take = int(rule.accept(conf[pending:]))
         r, committed, fresh, proposed, kept = commit_row(
             new, pending, guess, cand[pending:pending + n].tolist(), take, verify, stops)

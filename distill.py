@@ -42,11 +42,12 @@ from parallel.distributed import setup_processes, wrap_models
 from synthetic.teacher import SYNTH_TEACHER, build_default_teacher
 from synthetic.tokenizer import synthetic_tokenizer
 from training.log import fresh_stats, interval_record, warn, write_log
-from training.options import ConfigError, add_config_args, check_options, parse_with_recipe
+from training.options import (ConfigError, add_config_args, check_options, parse_with_recipe,
+                              regions_misfit)
 from training.run_dir import (Diverged, Stopped, TrainingError, claimed_out_dir, clear_out_dir,
                               diverged, latest_checkpoint, load_optimizer_state, os_problem,
-                              plan_length, planned_total, resume, save_run, stopped, truncate_log,
-                              write_args)
+                              plan_length, planned_total, resume, save_run, schedule_change,
+                              stopped, truncate_log, write_args)
 from training.samples import accum_steps, load_samples, sample_stream, step_size_note
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -486,48 +487,18 @@ def check_config(cfg):
     if cfg.attention not in ("sdpa", "flex"):
         raise ConfigError("--attention must be sdpa or flex")
     if n_regions(cfg) < 1 or cfg.seq_len // n_regions(cfg) < cfg.k:
-        raise ConfigError(regions_misfit(cfg))
-
-
-def regions_misfit(cfg):
-    """Why --seq-len cannot hold its regions of up to k_max tokens, and each change that would
-    fit: other --regions (more, when the paper's count rounds to none), --seq-len or --k."""
-    N, M, k = cfg.seq_len, n_regions(cfg), cfg.k
-    fixes = []
-    if cfg.regions:                     # M given: at most N // k regions fit
-        what = f"--regions {M}"
-        if N // k:
-            fixes.append(f"--regions {N // k}" + " or fewer" * (N // k > 1))
-        fixes.append(f"--seq-len >= {M * k}")
-        most_k = N // M
-    else:                               # the paper's M = N // (2 k_max) is 0: N < 2 k_max
-        what = f"the paper's seq_len // (2 k_max) = {M} regions"
-        if N >= k:
-            fixes.append("--regions 1")
-        fixes.append(f"--seq-len >= {2 * k}")
-        most_k = N // 2
-    if most_k >= 2:
-        fixes.append(f"--k {most_k}" + " or less" * (most_k > 2))
-    return (f"--seq-len {N} is too short for {what} of up to k={k} tokens: give "
-            f"{', '.join(fixes[:-1])}{' or ' if len(fixes) > 1 else ''}{fixes[-1]}")
+        raise ConfigError(regions_misfit(cfg, n_regions(cfg)))
 
 
 # -----------------------------------------------------------------------------
 # The training loop
 
 
-def schedule_change(cfg, step, saved_total):
-    """--resume with another --steps than the run's `saved_total`: the line that says how the lr
-    of the steps still to run changes (None: not at all, with no cool-down and a warm-up that
-    fits both lengths). The lr schedule is a function of the run's length (lr_at)."""
-    (w0, c0), (w1, c1) = (fit_schedule(cfg.warmup, cfg.cooldown, t) for t in (saved_total, cfg.steps))
-    if cfg.steps in (saved_total, step) or step > cfg.steps or (c1 == 0 and w0 == w1):
-        return None
-    what = [f"its cool-down now covers steps {cfg.steps - c1 + 1}-{cfg.steps} (was "
-            f"{saved_total - c0 + 1}-{saved_total})"] if c1 else []
-    what += [f"its warm-up is {w1} steps (was {w0})"] if w1 != w0 else []
-    return (f"--steps {saved_total} -> {cfg.steps} on --resume changes the lr of the steps still to "
-            f"run ({step + 1}-{cfg.steps}): {' and '.join(what)}")
+def resumed_schedule(cfg, step):
+    """The warning line of a resume whose --steps changes the lr of the steps still to run."""
+    saved = planned_total(cfg.out)
+    return schedule_change(step, (saved, *fit_schedule(cfg.warmup, cfg.cooldown, saved)),
+                           (cfg.steps, *fit_schedule(cfg.warmup, cfg.cooldown, cfg.steps)))
 
 
 def print_start(cfg, raw, device, world, n_samples, accum, warmup, cooldown, step):
@@ -541,7 +512,7 @@ def print_start(cfg, raw, device, world, n_samples, accum, warmup, cooldown, ste
         print(f"--steps {cfg.steps} is shorter than --warmup {cfg.warmup} + --cooldown "
               f"{cfg.cooldown}: warm-up {warmup} and cool-down {cooldown} steps instead", flush=True)
     for note in (step_size_note(cfg, world),
-                 schedule_change(cfg, step, planned_total(cfg.out)) if cfg.resume else None):
+                 resumed_schedule(cfg, step) if cfg.resume else None):
         if note:
             warn(note)
 

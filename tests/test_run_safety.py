@@ -666,8 +666,9 @@ def test_a_resume_with_more_steps_says_how_the_lr_schedule_changes(tiny_init, do
 
 
 def test_schedule_change_is_said_only_where_the_lr_changes():
-    change = lambda steps, saved, step=3, **kw: distill.schedule_change(
-        parse_args(["--steps", str(steps)] + [f"--{k}={v}" for k, v in kw.items()]), step, saved)
+    def change(steps, saved, step=3, warmup=50, cooldown=400):
+        fit = lambda total: (total, *distill.fit_schedule(warmup, cooldown, total))
+        return run_dir.schedule_change(step, fit(saved), fit(steps))
     assert change(10, 10) is None                                   # the same length
     assert change(20, 10, warmup=2, cooldown=0) is None             # constant after its warm-up
     assert change(20, 10, step=10, warmup=2, cooldown=0) is None

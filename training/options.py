@@ -83,3 +83,27 @@ def check_minutes(cfg):
         raise ConfigError(f"--minutes needs --steps {cfg.steps} to hold --warmup {cfg.warmup} + "
                           f"--cooldown {cfg.cooldown}: give --steps as a cap well above them "
                           "(e.g. 100000)")
+
+
+def regions_misfit(cfg, M):
+    """Why --seq-len cannot hold its M regions (distill.n_regions) of up to k_max tokens, and
+    each change that would fit: other --regions (more, when the paper's count rounds to none),
+    --seq-len or --k."""
+    N, k = cfg.seq_len, cfg.k
+    fixes = []
+    if cfg.regions:                     # M given: at most N // k regions fit
+        what = f"--regions {M}"
+        if N // k:
+            fixes.append(f"--regions {N // k}" + " or fewer" * (N // k > 1))
+        fixes.append(f"--seq-len >= {M * k}")
+        most_k = N // M
+    else:                               # the paper's M = N // (2 k_max) is 0: N < 2 k_max
+        what = f"the paper's seq_len // (2 k_max) = {M} regions"
+        if N >= k:
+            fixes.append("--regions 1")
+        fixes.append(f"--seq-len >= {2 * k}")
+        most_k = N // 2
+    if most_k >= 2:
+        fixes.append(f"--k {most_k}" + " or less" * (most_k > 2))
+    return (f"--seq-len {N} is too short for {what} of up to k={k} tokens: give "
+            f"{', '.join(fixes[:-1])}{' or ' if len(fixes) > 1 else ''}{fixes[-1]}")

@@ -532,3 +532,17 @@ def write_args(cfg, total):
     """The run's settings, and the step count it runs to, in OUT/args.json."""
     with open(os.path.join(cfg.out, "args.json"), "w") as f:
         json.dump({**asdict(cfg), "planned_steps": total}, f, indent=1)
+
+
+def schedule_change(step, old, new):
+    """--resume at `step` with another --steps: the line that says how the lr of the steps still
+    to run changes; old, new: (steps, warm-up, cool-down) of the run as saved and as resumed,
+    warm-up and cool-down as distill.fit_schedule fits them (None: no change, with no cool-down
+    and the same warm-up). The lr schedule is a function of the run's length (distill.lr_at)."""
+    (t0, w0, c0), (t1, w1, c1) = old, new
+    if t1 in (t0, step) or step > t1 or (c1 == 0 and w0 == w1):
+        return None
+    what = [f"its cool-down now covers steps {t1 - c1 + 1}-{t1} (was {t0 - c0 + 1}-{t0})"] if c1 else []
+    what += [f"its warm-up is {w1} steps (was {w0})"] if w1 != w0 else []
+    return (f"--steps {t0} -> {t1} on --resume changes the lr of the steps still to run "
+            f"({step + 1}-{t1}): {' and '.join(what)}")
