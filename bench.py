@@ -31,8 +31,9 @@ import torch
 from compat.tokenizers import TokenizerError, check_vocab, load_tokenizer, same_tokenizer
 from data import DataError, gsm8k, load_dataset, plain_prompt
 from decode import (ENGINES, RULE_FLAGS, ConfAdapt, DecodeError, PassTimer, Rule, Static,
-                    add_sampling_args, check_engine, check_output_path, check_request, label,
-                    load_for_decoding, make_engine, resolve_device, row_seed, untrained)
+                    add_sampling_args, check_engine, check_output_path, check_request,
+                    default_k_max, label, load_for_decoding, make_engine, resolve_device, row_seed,
+                    untrained)
 from display.pareto import pareto_plot
 from display.progress import progress_printer
 from fast.batch import generate_batch
@@ -76,6 +77,11 @@ def make_prompter(fmt, tok):
 def cut_answer(text):
     """The model's answer ends where it starts a new question."""
     return text.split("Q:")[0]
+
+
+def new_question(tok):
+    """generate_batch's stop_fn for few-shot prompts: a row stops once it starts a new "Q:"."""
+    return lambda ids: "Q:" in tok.decode(ids[-8:])
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +208,7 @@ def decode_items(strategy, tok, batch, prompts, args, engines, timer):
     key = (id(model), len(prompts))           # one engine (cache, CUDA graphs) per shape
     if key not in engines:
         engines[key] = make_engine(model, len(prompts), args.engine, args.capacity)
-    stop_fn = (lambda ids: "Q:" in tok.decode(ids[-8:])) if args.format == "fewshot" else None
+    stop_fn = new_question(tok) if args.format == "fewshot" else None
     return generate_batch(model, prompts, strategy.rule, max_new_tokens=args.max_new,
                           stop_ids=tok.stop_ids, stop_fn=stop_fn, timer=timer,
                           verify=strategy.verify, engine=engines[key],
@@ -390,7 +396,7 @@ def strategies_for(a, model, baseline):
     others = [x for r in rules if not isinstance(r, Static) for x in ([r, Lean(r)] if a.lean else [r])]
     strategies = [Strategy(model, r) for r in statics + others]
     if not a.no_verified and model.cfg.mtp_token_id is not None:
-        k_max = Static(a.k_max or model.cfg.mtp_k_max or 4)
+        k_max = Static(a.k_max or default_k_max(model.cfg))
         strategies += [Strategy(model, r, verify=True) for r in [k_max] + others]
     if baseline is not None:
         strategies.insert(0, Strategy(baseline, Static(1), baseline=True))
@@ -404,8 +410,9 @@ def size_run(a, model, strategies, problems, prompter):
         raise DecodeError("--samples must be >= 1, and above 1 only with --temperature > 0 "
                           "(greedy decoding gives the same output every time)")
     check_engine(a.engine, model.device)
-    for s in strategies:      # the sampling options as given: greedy, a top-k or top-p is an error
-        check_request(s.model, [0], s.rule, a.temperature, a.top_k, a.top_p)
+    # the sampling options as given: greedy, a top-k or top-p is an error; the most candidates read
+    widest = max(check_request(s.model, [0], s.rule, a.temperature, a.top_k, a.top_p)
+                 for s in strategies)
     longest = max(len(prompter(row["question"])) for row in problems)
     context = min(s.model.cfg.max_seq_len for s in strategies)
     if longest >= context:
@@ -422,7 +429,6 @@ def size_run(a, model, strategies, problems, prompter):
     # the longest prompt, then every pass's slots. One prompt caches its real tokens only; a
     # batch shares slots, and each pass adds the widest row's new tokens (at most `widest`,
     # one pass per committed token at worst)
-    widest = max(s.rule.reads(model.cfg.mtp_k_max or 4) for s in strategies)
     grown = a.max_new if a.batch == 1 else widest * (a.max_new + 1)
     a.capacity = longest + grown + 2 * widest
 
@@ -449,10 +455,9 @@ def load(a):
     for path, flag in ((a.teacher, "--teacher"), (a.baseline, "--baseline")):
         if path:
             same_tokens_as(path, flag, tok, a)
-    path = a.data if a.data.endswith(".jsonl") else None
     if a.limit < 1 or a.batch < 1 or (a.max_new is not None and a.max_new < 1):
         raise DecodeError("--limit, --batch and --max-new must be >= 1")
-    problems = load_dataset("gsm8k" if a.data == "gsm8k" else a.data, "test", path, a.limit)
+    problems = load_dataset(a.data, "test", a.limit)
     unread = sum(gold_answer(row["answer"]) is None for row in problems)
     if unread:
         print(f"warning: {unread} of {len(problems)} answers in {a.data} do not end in '#### N': no "

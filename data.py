@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from compat.hub import cache_dir, download
-from synthetic.problems import SYNTHETIC_TEST_SEED, synthetic_problems
+from synthetic.problems import SYNTHETIC_TEST_SEED, SYNTHETIC_TRAIN, synthetic_problems
 
 
 class DataError(ValueError):
@@ -163,8 +163,15 @@ def plain_prompt(question):
     return f"Q: {question}\nA:"
 
 
+def prompt_ids(tok, question):
+    """Token ids that ask `question` as a training sample starts: in the tokenizer's chat format
+    if it has one, else plain_prompt's "Q: ...\nA:"."""
+    return tok.prompt(question) if tok.chat is not None else tok.encode(plain_prompt(question))
+
+
 def sample_ids(tok, row):
-    """Token ids of one training sample: prompt, answer, end token."""
+    """Token ids of one training sample: prompt, answer, end token (without a chat format the
+    prompt and answer are encoded as one text, so a token may span the seam)."""
     if tok.chat is None:
         return tok.encode(plain_prompt(row["question"]) + " " + row["answer"]) + [tok.eos_id]
     return tok.prompt(row["question"]) + tok.encode(row["answer"]) + [tok.eos_id]
@@ -173,8 +180,7 @@ def sample_ids(tok, row):
 def answer_start(tok, row, ids):
     """Where the answer begins in sample_ids' `ids`: after the tokens they share with the prompt
     alone (a token merged across the seam counts as answer)."""
-    prompt = tok.prompt(row["question"]) if tok.chat is not None else \
-        tok.encode(plain_prompt(row["question"]))
+    prompt = prompt_ids(tok, row["question"])
     n = 0
     while n < min(len(prompt), len(ids)) and prompt[n] == ids[n]:
         n += 1
@@ -241,15 +247,11 @@ def jsonl_row(line, where):
     return row
 
 
-def gsm8k(split, path=None):
-    """GSM8K `split` ('train' | 'test'): from `path`, else $MTP_CACHE/gsm8k/SPLIT.jsonl, which
-    is downloaded from GitHub the first time (compat/hub.py)."""
+def gsm8k(split):
+    """GSM8K `split` ('train' | 'test'): $MTP_CACHE/gsm8k/SPLIT.jsonl, downloaded from GitHub the
+    first time (compat/hub.py). A copy elsewhere is read as a .jsonl (load_dataset)."""
     if split not in ("train", "test"):
         raise DataError(f"GSM8K split must be 'train' or 'test', not {split!r}")
-    if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"GSM8K file {path} does not exist")
-        return read_jsonl(path)
     cache = os.path.join(cache_dir(), "gsm8k")
     if os.path.isfile(os.path.join(cache, f"{split}.jsonl")):
         return read_jsonl(os.path.join(cache, f"{split}.jsonl"))
@@ -262,14 +264,14 @@ def gsm8k(split, path=None):
     return read_jsonl(os.path.join(cache, f"{split}.jsonl"))
 
 
-def load_dataset(name, split, path=None, limit=None):
-    """'gsm8k' or 'synthetic' (a jsonl path works for either name via `path`); at most `limit`
-    rows. Synthetic test = the first 200 of a held-out stream; a larger limit reads further on."""
-    if name == "synthetic":
-        return synthetic_problems(limit or (200 if split == "test" else 50_000),
+def load_dataset(source, split, limit=None):
+    """The rows of 'synthetic', 'gsm8k' (its `split`) or a .jsonl file, at most `limit` of them.
+    Synthetic test = the first 200 of a held-out stream; a larger limit reads further on."""
+    if source == "synthetic":
+        return synthetic_problems(limit or (200 if split == "test" else SYNTHETIC_TRAIN),
                                   seed=SYNTHETIC_TEST_SEED if split == "test" else 0)
-    if name == "gsm8k":
-        return gsm8k(split, path)[:limit]
-    if path:
-        return read_jsonl(path)[:limit]
-    raise DataError(f"unknown dataset {name!r} (gsm8k, synthetic, or a .jsonl path)")
+    if source == "gsm8k":
+        return gsm8k(split)[:limit]
+    if source.endswith(".jsonl"):
+        return read_jsonl(source)[:limit]
+    raise DataError(f"unknown dataset {source!r} (gsm8k, synthetic, or a .jsonl path)")

@@ -48,7 +48,8 @@ class DecodeError(ValueError):
 
 
 class Rule:
-    """family: the rule's name in a plot legend; name: this rule with its settings."""
+    """A subclass gives its `name` (this rule with its settings: tables, logs), `family` (its
+    kind: a plot's legend) and accept(); the rest has defaults."""
     family = "rule"
 
     def reads(self, k_max):
@@ -62,8 +63,12 @@ class Rule:
     def check(self):
         """Raise DecodeError for settings the rule cannot run with."""
 
+    def start(self, n_max):
+        """The read state of a prompt's first pass; its [0]: the candidates the pass reads."""
+        return (n_max,)
+
     def adapt(self, state, take, n_max):
-        """The next pass's read state (its [0]: candidates to read) after `take` were accepted."""
+        """The next pass's read state after `take` of its candidates were accepted."""
         return state
 
 
@@ -148,16 +153,14 @@ def untrained(rule, cfg):
 # (docs/METHOD.md, "Sampling"). Every random number is a uniform from a row's own CPU generator
 
 
-def process(logits, temperature, top_k=0, top_p=1.0, mtp=None):
+def process(logits, temperature, top_k=0, top_p=1.0):
     """The distribution a candidate is drawn from: logits (..., V) divided by the temperature,
     cut to the top_k most likely tokens (0: no cut; ties at the k-th are kept), softmax, cut to
     the smallest set of most likely tokens holding probability top_p (1: no cut), renormalised.
-    Returns fp32 probabilities (..., V). <MTP> (id mtp, when given; the decoders have set its
-    logit to -inf already) is never an output. temperature 0 is greedy: one-hot at the argmax,
-    the limit as the temperature goes to 0 (with it verify_sampled is greedy verification)."""
+    Returns fp32 probabilities (..., V); <MTP> is never an output, its logit being -inf (the
+    decoders set it so). temperature 0 is greedy: one-hot at the argmax, the limit as the
+    temperature goes to 0 (with it verify_sampled is greedy verification)."""
     logits = logits.float()
-    if mtp is not None:
-        logits = logits.index_fill(-1, torch.tensor([mtp], device=logits.device), -torch.inf)
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
     logits = logits / temperature
@@ -254,6 +257,12 @@ def pass_uniforms(gen, pending, n):
 # One prompt: check the request, commit what a pass confirmed and accepted, the loop around it
 
 
+def default_k_max(cfg):
+    """The candidates a pass reads unless a rule says otherwise: the k_max the checkpoint was
+    trained for (mtp_k_max), or 4 for one that does not say."""
+    return cfg.mtp_k_max or 4
+
+
 def check_request(model, prompt_ids, rule, temperature=0.0, top_k=0, top_p=1.0):
     """Validate a request; returns the number of candidates read per pass."""
     cfg = model.cfg
@@ -272,7 +281,7 @@ def check_request(model, prompt_ids, rule, temperature=0.0, top_k=0, top_p=1.0):
     if not hasattr(rule, "accept"):
         raise DecodeError(f"{rule!r} is not a decoding rule (e.g. Static(1), ConfAdapt(0.9))")
     rule.check()
-    n = rule.reads(cfg.mtp_k_max or 4)
+    n = rule.reads(default_k_max(cfg))
     if n > 1 and cfg.mtp_token_id is None:
         raise DecodeError(f"this checkpoint has no <MTP> token, so it predicts one token per pass; "
                           f"k={n} needs a model trained by distill.py (or use static k=1)")
@@ -349,7 +358,7 @@ def generate(model, prompt_ids, rule, max_new_tokens=256, stop_ids=(), verify=Fa
     timer, t_start, setup_s = timer or PassTimer(model.device), time.perf_counter(), 0.0
     mtp, stops, ctx = model.cfg.mtp_token_id, set(stop_ids), model.cfg.max_seq_len
     gen = torch.Generator().manual_seed(row_seed(seed, 0)) if temperature else None
-    out, reads = [], (n_cand, 0, 0)       # reads[0]: candidates to read (a Lean rule adapts it)
+    out, reads = [], rule.start(n_cand)   # reads[0]: candidates to read (a Lean rule adapts it)
     new, pending = list(prompt_ids), 0    # tokens to feed; the last `pending` are provisional
     q_src, q_from = None, 0               # sampling: the distributions they were drawn from
     st = {"accepted": [], "confidences": [], "cache_lens": [], "confirmed": 0, "rejected": 0,
@@ -545,7 +554,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt", required=True, help="the question / prompt text")
     rules = p.add_mutually_exclusive_group()
     for flag, (kind, _, help) in RULE_FLAGS.items():
-        rules.add_argument(flag, type=kind, help=help + " (default: --tau 0.9)")
+        rules.add_argument(flag, type=kind, help=help + (" (the default: 0.9)" if flag == "--tau" else ""))
     p.add_argument("--k-max", type=int, help="candidates per pass for ConfAdapt (default: the checkpoint's)")
     p.add_argument("--verify", action="store_true",
                    help="verified: the next pass checks every token accepted from an <MTP> slot, "
@@ -597,11 +606,11 @@ def main(argv=None):
                   "untrained", file=sys.stderr)
         kw = dict(max_new_tokens=a.max_new, stop_ids=tok.stop_ids, temperature=a.temperature,
                   top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-        capacity = min(model.cfg.max_seq_len, len(ids) + a.max_new + 2 * (model.cfg.mtp_k_max or 4))
-        engine = lambda: make_engine(model, 1, a.engine, capacity)       # a fresh cache per run
-        run = lambda rule, verify: generate(model, ids, rule, **kw, verify=verify, engine=engine())[1]
-        generate(model, ids, a.rule, **{**kw, "max_new_tokens": 8}, engine=engine())    # warm-up
-        out, st = generate(model, ids, a.rule, **kw, verify=a.verify, engine=engine())
+        capacity = min(model.cfg.max_seq_len, len(ids) + a.max_new + 2 * default_k_max(model.cfg))
+        engine = make_engine(model, 1, a.engine, capacity)   # one for every run: graphs kept
+        run = lambda rule, verify: generate(model, ids, rule, **kw, verify=verify, engine=engine)[1]
+        generate(model, ids, a.rule, **{**kw, "max_new_tokens": 8}, engine=engine)    # warm-up
+        out, st = generate(model, ids, a.rule, **kw, verify=a.verify, engine=engine)
     except (DecodeError, CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

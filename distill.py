@@ -39,7 +39,7 @@ from compat.tokenizers import TokenizerError, check_vocab, load_tokenizer
 from data import DataError, pack, teacher_input
 from model import CheckpointError, Config, Transformer
 from parallel.distributed import setup_processes, wrap_models
-from synthetic.teacher import SYNTH_TEACHER, build_default_teacher
+from synthetic.teacher import DEFAULT_TEACHER, SYNTH_TEACHER, build_default_teacher
 from synthetic.tokenizer import synthetic_tokenizer
 from training.log import fresh_stats, interval_record, warn, write_log
 from training.options import (ConfigError, add_config_args, check_options, parse_with_recipe,
@@ -51,7 +51,6 @@ from training.run_dir import (Diverged, Stopped, TrainingError, claimed_out_dir,
 from training.samples import accum_steps, load_samples, sample_stream, step_size_note
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_TEACHER = os.path.join(HERE, "checkpoints", "synth-teacher")   # synthetic/teacher.py
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, its defaults written once, argparse built from it

@@ -35,11 +35,6 @@ def config_from_hf(d):
         raise CheckpointError(f"unknown model_type {mt!r} in config.json "
                               f"(supported: {', '.join(ARCHS)})")
     check_fields(d, mt)             # every field read, fixed at our value, or harmless
-    mtp, vocab = d.get("mtp_token_id"), d["vocab_size"]
-    if mtp is not None and mtp >= vocab:        # the <MTP> row is a row of the vocabulary
-        raise CheckpointError(f"config.json: mtp_token_id = {mtp} is beyond the vocabulary "
-                              f"(vocab_size {vocab}): correct it to the <MTP> row's id (a checkpoint "
-                              f"distill.py saved has it last, {vocab - 1})")
     ours = dict(model_type=mt, vocab_size=d["vocab_size"], mtp_token_id=d.get("mtp_token_id"),
                 mtp_k_max=d.get("mtp_k_max"), hf=d)
     if mt == "gpt2":

@@ -112,6 +112,11 @@ def check_types(d):
             continue
         if not ok:
             raise CheckpointError(f"config.json: {name} = {value!r} is not {want}: correct the field")
+    mtp, vocab = d.get("mtp_token_id"), d.get("vocab_size")
+    if mtp is not None and vocab is not None and mtp >= vocab:   # <MTP> is a row of the vocabulary
+        raise CheckpointError(f"config.json: mtp_token_id = {mtp} is beyond the vocabulary "
+                              f"(vocab_size {vocab}): correct it to the <MTP> row's id (a checkpoint "
+                              f"distill.py saved has it last, {vocab - 1})")
 
 
 def check_fields(d, mt):

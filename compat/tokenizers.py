@@ -135,19 +135,18 @@ def read_ranks(path):
 def gpt2_tokenizer(ranks_path=None):
     """tiktoken's gpt2 encoding: from a ranks file if given, else $MTP_CACHE/gpt2.tiktoken if it
     is there (offline), else tiktoken's own download."""
-    candidates = [ranks_path] if ranks_path else [os.path.join(cache_dir(), "gpt2.tiktoken")]
-    for path in candidates:
-        if path and os.path.isfile(path):
-            enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=read_ranks(path),
-                                    special_tokens={"<|endoftext|>": 50256})
-            return Tokenizer(enc, eos="<|endoftext|>")
+    path = ranks_path or os.path.join(cache_dir(), "gpt2.tiktoken")
+    if os.path.isfile(path):
+        enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=read_ranks(path),
+                                special_tokens={"<|endoftext|>": 50256})
+        return Tokenizer(enc, eos="<|endoftext|>")
     if ranks_path:
         raise TokenizerError(f"gpt2 ranks file {ranks_path} does not exist")
     try:
         return Tokenizer(tiktoken.get_encoding("gpt2"), eos="<|endoftext|>")
     except Exception as e:
         raise TokenizerError(f"tiktoken could not fetch the gpt2 encoding ({e}). Offline? Put "
-                             f"gpt2.tiktoken in {candidates[0]}") from None
+                             f"gpt2.tiktoken in {path}") from None
 
 
 # -----------------------------------------------------------------------------

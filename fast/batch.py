@@ -26,26 +26,27 @@ from decode import (DecodeError, PassTimer, check_request, commit_row, finish_st
 class Row:
     """One prompt's state in generate_batch: what it feeds next, what it has, its stats."""
 
-    def __init__(self, prompt, n_cand, gen=None):
+    def __init__(self, prompt, reads, gen=None):
         self.new = list(prompt)     # tokens entering the cache next pass; the last `pending` of
         self.pending = 0            # them are provisional (verify), the others committed
         self.q_from = 0             # sampling: the column of the last pass they were drawn at
         self.gen = gen              # sampling: the row's CPU generator (its uniforms)
         self.n_real = 0             # real tokens this row has cached
-        self.reads = (n_cand, 0, 0) # [0]: candidates this row reads (a Lean rule adapts it)
+        self.reads = reads          # [0]: candidates this row reads (rule.start; Lean adapts it)
         self.out, self.done = [], False
         self.stats = {"accepted": [], "confidences": [], "cache_lens": [], "confirmed": 0,
                       "rejected": 0, "context_full": False, "stopped": False}
 
 
-def make_rows(prompts, n_cand, temperature, seed):
-    """One Row per prompt; when sampling, each with its own CPU generator, seeded by seed[b]
-    (a list: one seed per prompt) or by row_seed(seed, b) (an int)."""
+def make_rows(prompts, reads, temperature, seed):
+    """One Row per prompt, reading as `reads` (the rule's start) says; when sampling, each with
+    its own CPU generator, seeded by seed[b] (a list: one seed per prompt) or by
+    row_seed(seed, b) (an int)."""
     seeds = list(seed) if isinstance(seed, (list, tuple)) else \
         [row_seed(seed, b) for b in range(len(prompts))]
     if len(seeds) != len(prompts):
         raise DecodeError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one per prompt")
-    return [Row(p, n_cand, torch.Generator().manual_seed(s) if temperature else None)
+    return [Row(p, reads, torch.Generator().manual_seed(s) if temperature else None)
             for p, s in zip(prompts, seeds)]
 
 
@@ -261,7 +262,8 @@ def generate_batch(model, prompts, rule, max_new_tokens=256, stop_ids=(), stop_f
         raise DecodeError(f"this engine was made for batches of {run.batch}, not {B}")
     run.reset()
     cached = torch.zeros(B, 0, dtype=torch.bool, device=device)  # (B, L): slot is a real token
-    rows, stops, passes = make_rows(prompts, n_cand, temperature, seed), set(stop_ids), 0
+    rows = make_rows(prompts, rule.start(n_cand), temperature, seed)
+    stops, passes = set(stop_ids), 0
     q_src = None                      # sampling: the last pass's processed distributions
 
     # --- the passes: plan the reads, one forward, commit per row, pop the cache

@@ -34,6 +34,9 @@ class Lean:
     def check(self):
         self.rule.check()
 
+    def start(self, n_max):
+        return n_max, 0, 0
+
     def adapt(self, state, take, n_max):
         slots, misses, idle = state
         if take >= 2:                                    # an <MTP> guess was accepted

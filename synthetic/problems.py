@@ -115,3 +115,4 @@ def synthetic_problems(n, seed=0):
 
 # test problems come from a seed range training never uses
 SYNTHETIC_TEST_SEED = 1_000_003
+SYNTHETIC_TRAIN = 50_000      # training problems (seed 0); the first 200 of the test seed are the test set

@@ -145,12 +145,12 @@ def test_gsm8k_local_and_errors(tmp_path):
     assert len(rows) == 1319 and gold_answer(rows[0]["answer"]) == "18"
     with pytest.raises(DataError, match="split must be"):
         gsm8k("validation")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        gsm8k("train", str(tmp_path / "x.jsonl"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(str(tmp_path / "x.jsonl"), "train")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
     with pytest.raises(DataError, match="needs the fields 'question' and 'answer'"):
-        gsm8k("train", str(bad))
+        load_dataset(str(bad), "train")
 
 
 def test_answer_extraction():

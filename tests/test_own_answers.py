@@ -10,7 +10,8 @@ from decode import Static, load_for_decoding
 from fast.batch import generate_batch
 from synthetic.problems import synthetic_problems
 from tools import own_answers
-from tools.own_answers import answer_text, main, prompt_ids
+from data import prompt_ids
+from tools.own_answers import answer_text, main
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +53,16 @@ def test_a_killed_run_continues_to_the_same_file(ckpt, tmp_path, monkeypatch, sa
             raise KeyboardInterrupt
         return real(*args, **kw)
     monkeypatch.setattr(own_answers, "generate_batch", dies_in_the_second_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:                  # Ctrl-C: one line, exit 130
         write(ckpt, tmp_path / "cut.jsonl", *extra)
+    assert stop.value.code == 130
     monkeypatch.setattr(own_answers, "generate_batch", real)
     with open(tmp_path / "cut.jsonl", "a") as f:
-        f.write('{"question": "half a ro')                  # a row cut short by the kill
+        f.write('{"question": "half a ro')                  # a row cut short by a kill -9
+    assert write(ckpt, tmp_path / "cut.jsonl", *extra) == whole
+    # a kill between a whole row and its newline: the row is written again, once
+    with open(tmp_path / "cut.jsonl", "w") as f:
+        f.write(whole.split("\n", 1)[0])
     assert write(ckpt, tmp_path / "cut.jsonl", *extra) == whole
     # question i draws from row_seed(seed, i), so the batches it is decoded in change nothing
     assert write(ckpt, tmp_path / "batch2.jsonl", *extra, "--batch", "2") == whole
@@ -71,7 +77,13 @@ def test_bad_inputs_are_one_line(ckpt, tmp_path, capsys):
                  capsys)
     (tmp_path / "b.jsonl").write_text(json.dumps({"question": "other", "answer": "x"}) + "\n")
     assert_exits(main, ["--ckpt", ckpt, "--out", str(tmp_path / "b.jsonl"), "--limit", "3"],
-                 "holds other questions than --data asks (row 1)", capsys)
+                 "b.jsonl:1 is not the answer to question 1 of --data", capsys)
+    (tmp_path / "c.jsonl").write_text("[1, 2]\n")           # JSON, but no row
+    assert_exits(main, ["--ckpt", ckpt, "--out", str(tmp_path / "c.jsonl"), "--limit", "3"],
+                 "c.jsonl:1 is not the answer to question 1", capsys)
+    (tmp_path / "a.json").write_text("{not json")            # the settings beside a.jsonl
+    assert_exits(main, ["--ckpt", ckpt, "--out", str(tmp_path / "a.jsonl"), "--limit", "7",
+                        "--max-new", "12"], "a.json (the settings of", capsys)
     assert_exits(main, ["--ckpt", ckpt, "--out", str(tmp_path / "c.txt")], "must end in .jsonl",
                  capsys)
     assert_exits(main, ["--ckpt", str(tmp_path), "--out", str(tmp_path / "d.jsonl")],

@@ -48,7 +48,8 @@ def test_process_matches_a_reference(temperature, top_k, top_p):
     torch.manual_seed(1)
     logits = 2 * torch.randn(5, 9)
     logits[0, 3] = logits[0, 5] = logits[0].max() + 1     # a tie at the top
-    got = process(logits, temperature, top_k, top_p, mtp=8)
+    logits[:, 8] = -math.inf                              # <MTP>, as the decoders set it
+    got = process(logits, temperature, top_k, top_p)
     for row, g in zip(logits.tolist(), got):
         ref = reference_process(row[:8] + [-math.inf], temperature, top_k, top_p)
         assert g.tolist() == pytest.approx(ref, abs=1e-6)
@@ -79,7 +80,7 @@ def committed_distribution(q, p, grid=300):
 
 def test_verify_sampled_commits_p():
     """Whatever q a draft came from, the committed token is distributed as p; with the example
-    of accept_confadapt's docstring too."""
+    of ConfAdapt's docstring too."""
     cases = [([0.8, 0.2], [0.5, 0.5]), ([0.1, 0.6, 0.3, 0.0], [0.5, 0.0, 0.2, 0.3]),
              ([0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]), ([0.4, 0.6], [0.4, 0.6])]
     for q, p in cases:
@@ -118,7 +119,8 @@ def test_static_k_samples_every_slot():
     out, _ = generate(m, prompt, Static(3), max_new_tokens=3, temperature=1.3, top_k=20, seed=5)
     logits = m(torch.tensor([prompt + [mtp] * 2]))[0, -3:]
     u = pass_uniforms(torch.Generator().manual_seed(row_seed(5, 0)), 0, 3)
-    assert out == draw(process(logits, 1.3, 20, mtp=mtp), u[:3]).tolist()
+    logits[:, mtp] = -torch.inf
+    assert out == draw(process(logits, 1.3, 20), u[:3]).tolist()
 
 
 PROMPTS = [[59, 15, 1], [58, 30, 41, 27, 18, 40, 33], [53, 18, 5, 40, 45, 51, 43, 10, 54, 17, 38]]

@@ -22,7 +22,7 @@ import time
 import torch
 
 from compat.tokenizers import TokenizerError, load_tokenizer
-from data import plain_prompt
+from data import prompt_ids
 from decode import (DecodeError, Static, check_output_path, generate, load_for_decoding,
                     make_engine, resolve_device)
 from model import CheckpointError
@@ -99,7 +99,7 @@ def main(argv=None):
         a.device = resolve_device(a.device)
         model = load_for_decoding(a.ckpt, a.device, a.dtype)
         tok = load_tokenizer(a.ckpt)
-        ids = tok.prompt(a.prompt) if tok.chat else tok.encode(plain_prompt(a.prompt))
+        ids = prompt_ids(tok, a.prompt)
         capacity = len(ids) + a.max_new + 1
         if capacity > model.cfg.max_seq_len:
             raise DecodeError(f"prompt ({len(ids)} tokens) + --max-new {a.max_new} exceeds the "

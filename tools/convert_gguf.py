@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from compat.hf import config_from_hf, from_pretrained, save_pretrained
 from compat.tokenizers import (DIGITS_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, Tokenizer,
                                TokenizerError, bpe_to_tiktoken)
-from data import DataError, gsm8k, sample_ids
+from data import DataError, answer_start, gsm8k, sample_ids
 from model import CheckpointError
 from training.run_dir import RUN_FILES
 
@@ -328,7 +328,11 @@ def convert(gguf_path, out_dir, dtype=torch.float32, replace=False):
         except (OSError, SafetensorError) as e:             # a full disk, most likely
             raise ConversionError(f"could not write the converted checkpoint ({e}): {out_dir} "
                                   "is as it was") from None
-        move_in(os.path.join(work, "out"), out_dir)
+        try:
+            move_in(os.path.join(work, "out"), out_dir)
+        except OSError as e:
+            raise ConversionError(f"could not move the converted checkpoint into {out_dir} "
+                                  f"({e.strerror or e}): convert again with --replace") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     types = {}
@@ -378,12 +382,11 @@ def answer_perplexity(model, tok, rows):
     model.eval()
     nll, n = 0.0, 0
     for row in rows:
-        prompt = tok.prompt(row["question"])
         ids = sample_ids(tok, row)
-        assert ids[:len(prompt)] == prompt, "sample_ids must start with the prompt"
+        start = answer_start(tok, row, ids)       # a token merged across the seam is answer
         x = torch.tensor([ids[:-1]], device=model.device)                 # (1, T)
-        targets = torch.tensor(ids[len(prompt):], device=model.device)    # (A,) answer + EOS
-        out_idx = torch.arange(len(prompt) - 1, len(ids) - 1, device=model.device)[None]  # (1, A)
+        targets = torch.tensor(ids[start:], device=model.device)          # (A,) answer + EOS
+        out_idx = torch.arange(start - 1, len(ids) - 1, device=model.device)[None]  # (1, A)
         logits = model(x, out_idx=out_idx)[0].float()                     # (A, V)
         nll += F.cross_entropy(logits, targets, reduction="sum").item()
         n += len(targets)

@@ -106,6 +106,7 @@ for split in train test; do
   [ -f "$GSM8K/$split.jsonl" ] || fail "--gsm8k $GSM8K: no $split.jsonl there"
 done
 TRAIN_DATA=$GSM8K/train.jsonl; TEST_DATA=$GSM8K/test.jsonl
+DISTILL_DATA=$TRAIN_DATA                    # --answers own: the teacher's answers instead
 STUDENT=$OUT/student/ckpt
 # no figure of an earlier run in OUT is read as this one's
 rm -rf "$OUT/student"
@@ -174,14 +175,19 @@ fi
 # --answers own: the teacher's own answers to the training questions, written once into OUT
 # (a later run with the same settings finds them there and goes straight on)
 if [ $ANSWERS = own ] && [ -f "$TEACHER/config.json" ]; then
-  run 300 own_answers $PY -m tools.own_answers --ckpt "$TEACHER" --data "$TRAIN_DATA" \
-    --limit $N_OWN --out "$OUT/own_answers.jsonl" --batch $OWN_BATCH --max-new $NEW_BENCH \
-    --device $DEV && tail -n 2 "$OUT/own_answers.log"
-  TRAIN_DATA=$OUT/own_answers.jsonl
+  if run 300 own_answers $PY -m tools.own_answers --ckpt "$TEACHER" --data "$TRAIN_DATA" \
+      --limit $N_OWN --out "$OUT/own_answers.jsonl" --batch $OWN_BATCH --max-new $NEW_BENCH \
+      --device $DEV; then
+    tail -n 2 "$OUT/own_answers.log"; DISTILL_DATA=$OUT/own_answers.jsonl
+  else
+    DISTILL_DATA=""                         # never the references in place of the own answers
+  fi
 fi
-if [ -f "$TEACHER/config.json" ]; then
+if [ -z "$DISTILL_DATA" ]; then
+  skip distill "no own answers (step own_answers)"
+elif [ -f "$TEACHER/config.json" ]; then
   run $(awk "BEGIN { print int($MINUTES * 60 + 120) }") distill $PY distill.py --init "$TEACHER" \
-    --data "$TRAIN_DATA" --k 4 --out "$OUT/student" --overwrite --minutes $MINUTES $DISTILL \
+    --data "$DISTILL_DATA" --k 4 --out "$OUT/student" --overwrite --minutes $MINUTES $DISTILL \
     --save-every 1000 --device $DEV
   grep -E "^step|minutes|rror" "$OUT/distill.log" | tail -n 6
 else

@@ -23,45 +23,42 @@ import sys
 import time
 
 from compat.tokenizers import TokenizerError, check_vocab, load_tokenizer
-from data import DataError, load_dataset, plain_prompt
+from bench import cut_answer, new_question
+from data import DataError, load_dataset, prompt_ids
 from decode import (DecodeError, Static, add_sampling_args, check_output_path, load_for_decoding,
                     resolve_device, row_seed)
 from fast.batch import generate_batch
 from model import CheckpointError
 
 
-def prompt_ids(tok, question):
-    """The prompt as the training sample writes it (data.sample_ids), without the answer."""
-    return tok.prompt(question) if tok.chat is not None else tok.encode(plain_prompt(question))
-
-
 def answer_text(tok, out):
     """The text of one output, without its stop token, cut where the model starts a new
-    question, without the space data.sample_ids puts back between prompt and answer."""
+    question (bench.cut_answer), without the space data.sample_ids puts back between prompt and
+    answer."""
     if out and out[-1] in tok.stop_ids:
         out = out[:-1]
-    return tok.decode(out).split("Q:")[0].strip()
+    return cut_answer(tok.decode(out)).strip()
 
 
 def done_rows(path, questions):
     """How many rows of `path` are complete and answer questions[0], [1], ... in order; a row cut
-    short by a kill is dropped from the file."""
+    short by a kill (the last, without its newline) is dropped from the file."""
     if not os.path.isfile(path):
         return 0
     with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
+        lines = f.read().split(b"\n")[:-1]           # the complete lines: each ends in a newline
     good = 0
     for line in lines:
         try:
             row = json.loads(line)
         except ValueError:
-            break                       # the last line of a killed run, cut short
-        if good >= len(questions) or row.get("question") != questions[good]:
-            raise DataError(f"{path} holds other questions than --data asks (row {good + 1}): "
+            row = None
+        if not isinstance(row, dict) or good >= len(questions) or row.get("question") != questions[good]:
+            raise DataError(f"{path}:{good + 1} is not the answer to question {good + 1} of --data: "
                             "pick another --out, or delete it to start over")
         good += 1
     with open(path, "r+b") as f:        # keep the complete rows only
-        f.truncate(sum(len(line) + 1 for line in lines[:good]))
+        f.truncate(sum(len(line) + 1 for line in lines))
     return good
 
 
@@ -71,8 +68,12 @@ def check_settings(a, out):
     keep = {k: getattr(a, k) for k in ("ckpt", "data", "limit", "max_new", "temperature", "top_k",
                                        "top_p", "seed", "dtype")}
     if os.path.isfile(meta) and os.path.isfile(out):
-        with open(meta) as f:
-            saved = json.load(f)
+        try:
+            with open(meta) as f:
+                saved = dict(json.load(f))
+        except (ValueError, TypeError):
+            raise DataError(f"{meta} (the settings of {out}) is damaged: delete both to start "
+                            "over") from None
         changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in keep.items()
                    if saved.get(k) != v]
         if changed:
@@ -106,8 +107,7 @@ def load(a):
     model = load_for_decoding(a.ckpt, resolve_device(a.device), a.dtype)
     tok = load_tokenizer(a.ckpt)
     check_vocab(tok, model.cfg, a.ckpt)
-    path = a.data if a.data.endswith(".jsonl") else None
-    rows = load_dataset(a.data, "train", path, a.limit)
+    rows = load_dataset(a.data, "train", a.limit)
     if not rows:
         raise DataError(f"--data {a.data} has no questions")
     questions = [r["question"] for r in rows]
@@ -119,27 +119,21 @@ def load(a):
     return model, tok, questions, done_rows(a.out, questions)
 
 
-def main(argv=None):
-    a = parse_args(argv)
-    try:
-        model, tok, questions, start = load(a)
-    except (DataError, DecodeError, CheckpointError, TokenizerError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def write_answers(a, model, tok, questions, start):
+    """Decode questions[start:], --batch at a time, each batch's rows appended to --out (and
+    synced) before the next; returns how many answers ran to --max-new without a stop."""
     sampling = {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p} \
         if a.temperature else {}
     n, t0, unstopped = len(questions), time.perf_counter(), 0
-    if start:
-        print(f"{a.out}: {start} of {n} answers written already; continuing", flush=True)
     with open(a.out, "a", encoding="utf-8") as f:
         for i in range(start, n, a.batch):
             batch = questions[i:i + a.batch]
             prompts = [prompt_ids(tok, q) for q in batch]
             room = model.cfg.max_seq_len - max(len(p) for p in prompts)
             outs, st = generate_batch(model, prompts, Static(1), max_new_tokens=min(a.max_new, room),
-                                      stop_ids=tok.stop_ids, seed=[row_seed(a.seed, i + j)
-                                                                   for j in range(len(batch))],
-                                      stop_fn=lambda ids: "Q:" in tok.decode(ids[-8:]), **sampling)
+                                      stop_ids=tok.stop_ids, stop_fn=new_question(tok),
+                                      seed=[row_seed(a.seed, i + j) for j in range(len(batch))],
+                                      **sampling)
             unstopped += sum(not r["stopped"] and "Q:" not in tok.decode(o)
                              for r, o in zip(st["rows"], outs))
             f.write("".join(json.dumps({"question": q, "answer": answer_text(tok, o)}) + "\n"
@@ -150,6 +144,29 @@ def main(argv=None):
             eta = dt / (done - start) * (n - done)
             print(f"{done}/{n} answers | {(done - start) / dt:.1f} answers/s | "
                   f"ETA {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
+    return unstopped
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        model, tok, questions, start = load(a)
+    except (DataError, DecodeError, CheckpointError, TokenizerError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    n, t0 = len(questions), time.perf_counter()
+    if start:
+        print(f"{a.out}: {start} of {n} answers written already; continuing", flush=True)
+    try:
+        unstopped = write_answers(a, model, tok, questions, start)
+    except KeyboardInterrupt:
+        print(f"stopped (Ctrl-C): {a.out} keeps every answer written so far; the same command "
+              "continues it", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        print(f"error: could not write {a.out} ({e.strerror or e}): it keeps every answer written "
+              "so far; the same command continues it", file=sys.stderr)
+        sys.exit(2)
     if unstopped:
         print(f"warning: {unstopped} answers of this run reached --max-new {a.max_new} (or the "
               "context) without a stop token; they are written as far as they went", flush=True)

@@ -10,7 +10,6 @@ data.teacher_input, distill.supervised_weight).
     python -m tools.show_layout --student runs/mtp-synth/ckpt  # the rollout of a real student
 """
 import argparse
-import os
 import sys
 
 import torch
@@ -19,14 +18,11 @@ from data import DataError, pack, region_ends, sample_ids, teacher_input
 
 from compat.tokenizers import load_tokenizer, TokenizerError
 from distill import TrainConfig, supervised_weight
-from synthetic.problems import synthetic_problems
+from synthetic.problems import SYNTHETIC_TRAIN, synthetic_problems
+from synthetic.teacher import DEFAULT_TEACHER
 from compat.hf import from_pretrained
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-SHOW_DEFAULT_TOKENIZER = os.path.join(ROOT, "checkpoints", "synth-teacher")
-TRAIN_PROBLEMS = 50_000         # the synthetic training set (data.load_dataset("synthetic", "train"))
+SHOW_DEFAULT_TOKENIZER = DEFAULT_TEACHER
 
 
 def token_label(tok, i, mtp_id):
@@ -142,9 +138,9 @@ def main(argv=None):
         if a.seq_len + a.regions * (a.k - 1) > 100:
             raise DataError("the grid prints one character per packed slot: keep --seq-len + "
                             "--regions * (k - 1) <= 100")
-        if not 0 <= a.problem < TRAIN_PROBLEMS:
+        if not 0 <= a.problem < SYNTHETIC_TRAIN:
             raise DataError(f"--problem must be a synthetic training problem, 0 to "
-                            f"{TRAIN_PROBLEMS - 1} (got {a.problem})")
+                            f"{SYNTHETIC_TRAIN - 1} (got {a.problem})")
         if a.text is not None and not a.text:
             raise DataError("--text is empty: give some text")
         student = None

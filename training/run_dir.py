@@ -444,7 +444,8 @@ def save_run(cfg, raw, opt, tok, log, step, total, stream, rng, world, master):
             from parallel.distributed import ranks_identical
             same = ranks_identical(raw, world)
             if not same:
-                raise RuntimeError("DDP ranks hold different weights")
+                raise TrainingError("the DDP ranks hold different weights: a bug, or a rank that "
+                                    "resumed another checkpoint; start over with --overwrite")
         optim = opt.state_dict()
     if master:
         save_checkpoint(cfg.out, student, tok, {

@@ -19,15 +19,18 @@ class Stream:
 
     def __init__(self, n, seed, pos=0, lengths=None, group=1):
         self.n, self.seed, self.pos, self.lengths, self.group = n, seed, pos, lengths, group
+        self.kept = (None, None)            # (epoch, its order): every take of an epoch reads it
 
     def order(self, epoch):
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.n, generator=g)
-        if self.lengths is None:
-            return order
-        lengths = torch.tensor(self.lengths)
-        return torch.cat([run[torch.argsort(lengths[run], stable=True)]
-                          for run in order.split(self.group)])
+        if self.kept[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n, generator=g)
+            if self.lengths is not None:
+                lengths = torch.tensor(self.lengths)
+                order = torch.cat([run[torch.argsort(lengths[run], stable=True)]
+                                   for run in order.split(self.group)])
+            self.kept = (epoch, order)
+        return self.kept[1]
 
     def take(self, count):
         out = []
@@ -45,7 +48,7 @@ def load_samples(cfg, tok, warn=warn):
     with --supervise answer, else None; it encodes every prompt a second time). What would train
     less than it seems is said in one line through `warn` (rows without an answer, left out;
     samples longer than --seq-len, cut), or refused where nothing of any answer would train."""
-    rows = load_dataset(cfg.data, "train", cfg.data if cfg.data.endswith(".jsonl") else None)
+    rows = load_dataset(cfg.data, "train")
     answered = [r for r in rows if r["answer"].strip()]
     if rows and not answered:
         raise ConfigError(f"dataset {cfg.data!r}: every one of its {len(rows)} rows has an empty "
