@@ -35,7 +35,7 @@ def test_every_method_citation_resolves():
 
 def test_readme_names_only_files_that_exist():
     readme = open(os.path.join(ROOT, "README.md")).read()
-    named = set(re.findall(r"(?<![\w/.-])((?:docs|tools|tests|compat|synthetic|parallel|fast)"
+    named = set(re.findall(r"(?<![\w/.-])((?:docs|tools|tests|compat|synthetic|parallel|fast|training|display)"
                            r"/[\w./-]+\.(?:py|md|sh|png))", readme))
     named |= {f"tools/{m}.py" for m in re.findall(r"python -m tools\.(\w+)", readme)}
     assert named
