@@ -630,7 +630,10 @@ def test_ctrl_c_from_the_terminal(tiny_init, tmp_path):
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(distill.__file__), "distill.py"),
                           *run_args(tiny_init, out, "--steps", "100000")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # a terminal's Ctrl-C reaches it even where the suite runs as a background
+                         # job (which starts with SIGINT ignored, and Python then keeps it ignored)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in p.stdout:                 # the second log line: a checkpoint at step 3 is saved
             if line.startswith("step 4/"):
